@@ -1,0 +1,1 @@
+"""byolkit app (see its issue; arrives in a later change)."""

@@ -1,0 +1,1 @@
+"""byolkit export (see its issue; arrives in a later change)."""

@@ -1,0 +1,1 @@
+"""byolkit serving (see its issue; arrives in a later change)."""

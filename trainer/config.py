@@ -1,0 +1,168 @@
+"""Run configuration: named presets, command-line overrides, and the JSON saved with each run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    stem: str = "imagenet"            # "small": 3x3 stride-1 stem, no max-pool (32-96 px images)
+    projector_hidden_dim: int = 4096
+    projection_dim: int = 256
+    predictor_hidden_dim: int = 4096
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224             # side of the training views and of the encoder's input
+    resize_size: int = 0              # evaluation resize before the centre crop; 0: derived
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+    blur: bool = True                 # small-image presets drop the Gaussian blur
+    crop_scale_min: float = 0.08
+    pipeline: str = "auto"            # memory | stream | auto (memory for small data sets)
+    workers: int = 8
+
+    def preprocessing(self) -> Preprocessing:
+        pre = Preprocessing.for_image_size(self.image_size, self.mean, self.std)
+        return dataclasses.replace(pre, resize_size=self.resize_size) if self.resize_size else pre
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"                # lars | sgd | adamw
+    base_lr: float = 0.2              # LR = base_lr * batch_size / 256
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 1e-3
+    warmup_epochs: float = 10
+    batch_size: int = 4096            # global batch (all processes, all accumulation steps)
+    epochs: int = 300
+    max_steps: int = 0                # > 0: stop after this many optimiser steps instead
+    accumulate: int = 1               # gradient accumulation steps per optimiser step
+    time_budget_s: float = 0          # > 0: fit the run into this many seconds of training
+
+
+@dataclass
+class ByolConfig:
+    tau_base: float = 0.996
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = 500       # optimiser steps between checkpoints (and at each epoch end)
+    log_every: int = 10
+    knn_every: int = 0                # epochs between kNN monitor runs (needs --val-data); 0: end only
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            if f.name == "preset":
+                kwargs[f.name] = d[f.name]
+            else:
+                section_cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+                               "byol": ByolConfig, "run": RunConfig}[f.name]
+                known = {x.name for x in dataclasses.fields(section_cls)}
+                kwargs[f.name] = section_cls(**{k: v for k, v in d[f.name].items() if k in known})
+        return cls(**kwargs)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _imagenet_resnet50() -> Config:
+    """The paper's ImageNet setting (Grill et al. 2020, sec. 3.2 and appendix C)."""
+    return Config(preset="imagenet-resnet50")
+
+
+def _cifar10_resnet18() -> Config:
+    """CIFAR-10 at 32 px, ResNet-18 with the small-image stem (LARS 1.0, wd 1e-5, tau 0.99, batch 256)."""
+    return Config(
+        preset="cifar10-resnet18",
+        model=ModelConfig(arch="resnet18", stem="small"),
+        data=DataConfig(image_size=32, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD), blur=False),
+        optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, batch_size=256, epochs=800),
+        byol=ByolConfig(tau_base=0.99),
+    )
+
+
+def _cpu_quick() -> Config:
+    """Ten minutes on two CPU cores that visibly learn (see BENCHMARKS.md for the design runs).
+
+    Cheaper views (24 px), a short warmup, a faster-moving target and bf16 autocast, which
+    this kind of AVX-512 CPU runs about twice as fast as float32.
+    """
+    return Config(
+        preset="cpu-quick",
+        model=ModelConfig(arch="resnet18", stem="small", projector_hidden_dim=1024, predictor_hidden_dim=1024),
+        data=DataConfig(image_size=24, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD), blur=False,
+                        crop_scale_min=0.2, workers=1),
+        optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, batch_size=128, epochs=3, warmup_epochs=0.5),
+        byol=ByolConfig(tau_base=0.98),
+        run=RunConfig(device="cpu", precision="bf16", checkpoint_every=200),
+    )
+
+
+PRESETS = {"imagenet-resnet50": _imagenet_resnet50, "cifar10-resnet18": _cifar10_resnet18, "cpu-quick": _cpu_quick}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_override(config: Config, assignment: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as JSON when it can be."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects section.key=value, got {assignment!r}")
+    path, raw = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not hasattr(config, parts[0]) or parts[0] == "preset":
+        raise ValueError(f"--set: unknown setting {path!r}; settings look like optim.base_lr")
+    section = getattr(config, parts[0])
+    names = {f.name for f in dataclasses.fields(section)}
+    if parts[1] not in names:
+        raise ValueError(f"--set: {parts[0]} has no setting {parts[1]!r}; it has {', '.join(sorted(names))}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    current = getattr(section, parts[1])
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"--set {path}: expected true or false, got {raw!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"--set {path}: expected a number, got {raw!r}")
+        value = type(current)(value) if isinstance(current, float) or float(value).is_integer() else value
+    if isinstance(current, str) and not isinstance(value, str):
+        value = raw
+    setattr(section, parts[1], value)

@@ -1,0 +1,499 @@
+"""BYOL pretraining.
+
+    python -m trainer.pretrain --preset cpu-quick --data IMAGES --out runs/quick
+    torchrun --nproc_per_node 8 -m trainer.pretrain --preset imagenet-resnet50 --data /imagenet/train --out runs/in1k
+
+The run directory receives config.json, metrics.jsonl, TensorBoard events, checkpoint.pt
+(atomic, every --set run.checkpoint_every steps) and encoder.safetensors (the encoder with its
+preprocessing contract). `--resume` continues a killed run from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .augment import BatchAugment, byol_views
+from .config import PRESETS, Config, apply_override, preset
+from .data import BatchPlan, DataError, ImageCollection, decode_all, open_collection, stream_loader
+from .distributed import Dist, all_reduce_mean, barrier, init_distributed, shutdown
+from .knn import embed, knn_accuracy
+from .models import BYOL, build_encoder
+from .optim import build_optimizer, parameter_groups, tau_schedule, warmup_cosine
+
+MEMORY_PIPELINE_MAX_BYTES = 4 << 30  # decode into RAM when the uint8 images fit in 4 GiB
+
+
+class UsageError(ValueError):
+    """A bad command line or input, reported as one line before any work starts."""
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain an image encoder with BYOL (Grill et al. 2020) on unlabelled images.",
+        epilog="Presets:\n" + "\n".join(f"  {name:20s} {(fn.__doc__ or '').strip().splitlines()[0]}"
+                                       for name, fn in PRESETS.items())
+        + "\n\nAny preset value can be overridden: --set optim.base_lr=0.5 --set model.arch=resnet50"
+          "\n(see config.json of a run for every setting).")
+    p.add_argument("--preset", default=None, help=f"named configuration: {', '.join(PRESETS)} "
+                   "(default: cpu-quick, or the resumed run's own)")
+    p.add_argument("--data", help="image folder (class sub-folders optional), zip archive of one, "
+                   "or a torchvision data set: cifar10, cifar100, stl10 (downloaded when online)")
+    p.add_argument("--out", required=True, help="run directory (created; must be new unless --resume)")
+    p.add_argument("--val-data", default=None, help="labelled images for the kNN monitor "
+                   "(e.g. a test split); needs labelled --data too")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--epochs", type=int, help="training epochs (optim.epochs)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (optim.max_steps); "
+                   "the schedules are laid out over it")
+    p.add_argument("--time-budget", type=parse_duration, metavar="DURATION",
+                   help="train for at most this long (e.g. 600, 10m, 2h): the step count and the schedules "
+                        "are fitted to it after measuring the first steps (optim.time_budget_s)")
+    p.add_argument("--batch-size", type=int, help="global batch size over all processes (optim.batch_size)")
+    p.add_argument("--lr", type=float, help="base learning rate, scaled by batch/256 (optim.base_lr)")
+    p.add_argument("--arch", help="encoder architecture (model.arch), e.g. resnet18, resnet50")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="run.device")
+    p.add_argument("--workers", type=int, help="data-loading worker processes per process (data.workers)")
+    p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of a few steps to DIR")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any setting, e.g. --set byol.tau_base=0.99 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = text.strip().lower()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 600, 10m, 1.5h)") from None
+
+
+FLAG_TO_SETTING = {"time_budget": "optim.time_budget_s", "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
+                   "lr": "optim.base_lr", "arch": "model.arch", "device": "run.device",
+                   "workers": "data.workers", "seed": "run.seed", "compile": "run.compile"}
+
+
+def resolve_config(args, saved: dict | None = None) -> Config:
+    """Preset (or the resumed run's config), then --set overrides, then the plain flags."""
+    if args.preset is None and saved is not None:
+        cfg = Config.from_dict(saved)
+    else:
+        cfg = preset(args.preset or "cpu-quick")
+    for assignment in args.set:
+        apply_override(cfg, assignment)
+    for flag, setting in FLAG_TO_SETTING.items():
+        value = getattr(args, flag)
+        if value is not None:
+            apply_override(cfg, f"{setting}={json.dumps(value)}")
+    return cfg
+
+
+def validate(cfg: Config, dist: Dist) -> None:
+    from .models import ARCHITECTURES, STEMS
+    if cfg.model.arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {cfg.model.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if cfg.model.stem not in STEMS:
+        raise UsageError(f"unknown stem {cfg.model.stem!r}; choose one of {', '.join(STEMS)}")
+    o = cfg.optim
+    if o.batch_size % (dist.world * o.accumulate):
+        raise UsageError(f"batch size {o.batch_size} must divide evenly over {dist.world} process(es) "
+                         f"x {o.accumulate} accumulation step(s)")
+    if o.batch_size // (dist.world * o.accumulate) < 2:
+        raise UsageError("each micro-batch needs at least 2 images for BatchNorm")
+    if cfg.data.pipeline not in ("auto", "memory", "stream"):
+        raise UsageError("data.pipeline must be auto, memory or stream")
+    if cfg.run.precision not in ("auto", "bf16", "fp32"):
+        raise UsageError("run.precision must be auto, bf16 or fp32")
+
+
+# ============================================================================================
+# Training
+# ============================================================================================
+class Stop:
+    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def log(dist: Dist, msg: str) -> None:
+    """A message on stderr from the main process, printed above the progress bar."""
+    if dist.is_main:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stderr)
+
+
+def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str | None = None,
+          progress: bool = True, profile_dir: str | None = None, saved: dict | None = None) -> dict:
+    # ---- 1. processes, device, precision, seeds ----------------------------------------------
+    want = cfg.run.device
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    dist = init_distributed(device_type)
+    validate(cfg, dist)
+    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
+    precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    torch.manual_seed(cfg.run.seed + dist.rank)  # each process augments differently
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- 2. data ------------------------------------------------------------------------------
+    collection = open_collection(data)
+    plan = BatchPlan(len(collection), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
+    if plan.steps_per_epoch == 0:
+        raise DataError("no full batch fits in the data set; lower --batch-size")
+    pre = cfg.data.preprocessing()
+    size = cfg.data.image_size
+    pipeline = cfg.data.pipeline
+    if pipeline == "auto":
+        fits = len(collection) * 3 * pre.resize_size ** 2 <= MEMORY_PIPELINE_MAX_BYTES
+        pipeline = "memory" if fits and size <= 96 else "stream"
+    views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0))
+    augment = BatchAugment(views, size, pre.mean, pre.std, crop=(pipeline == "memory")).to(device)
+    images = labels = None
+    if pipeline == "memory":
+        t0 = time.perf_counter()
+        images, labels, skipped = decode_all(collection, pre, workers=cfg.data.workers, progress=progress and dist.is_main,
+                                        desc="decoding images into memory")
+        if skipped:
+            log(dist, f"skipped {skipped} unreadable image(s) of {len(collection)}")
+            plan = BatchPlan(len(images), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
+        images = images.to(device)
+        log(dist, f"decoded {len(images)} images ({collection.description}) in {time.perf_counter() - t0:.1f}s")
+
+    # ---- 3. networks --------------------------------------------------------------------------
+    encoder, feature_dim = build_encoder(cfg.model.arch, cfg.model.stem)
+    model = BYOL(encoder, feature_dim, cfg.model.projector_hidden_dim, cfg.model.projection_dim,
+                 cfg.model.predictor_hidden_dim)
+    if dist.enabled and device_type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    byol = model
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device_type == "cuda" else None)
+    forward = torch.compile(model) if cfg.run.compile else model
+
+    # ---- 4. optimiser and schedules (precomputed per step) ------------------------------------
+    groups = parameter_groups([byol.encoder, byol.projector, byol.predictor], cfg.optim.weight_decay)
+    lr_peak = cfg.optim.base_lr * cfg.optim.batch_size / 256
+    optimizer = build_optimizer(cfg.optim.name, groups, lr_peak, cfg.optim.momentum, cfg.optim.weight_decay,
+                                cfg.optim.trust_coefficient)
+    total_steps = cfg.optim.max_steps or cfg.optim.epochs * plan.steps_per_epoch
+    warmup_steps = int(round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
+    lr_at = warmup_cosine(lr_peak, total_steps, warmup_steps)
+    tau_at = tau_schedule(cfg.byol.tau_base, total_steps)
+    budget = TimeBudget(cfg.optim.time_budget_s, start_step=0)
+
+    # ---- 5. run directory and resume ----------------------------------------------------------
+    start_step = 0
+    if resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
+        state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
+        ckpt_io.check_same_model(state["config"], cfg.to_dict(), out / ckpt_io.CHECKPOINT_NAME)
+        byol.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.set_rng_state(state["rng"])
+        if dist.rank:  # the checkpoint holds rank 0's generator; the others must differ from it
+            torch.manual_seed(cfg.run.seed + dist.rank + 7919 * int(state["step"]))
+        start_step = int(state["step"])
+        budget = TimeBudget(cfg.optim.time_budget_s, start_step)
+        log(dist, f"resumed {out} at step {start_step}/{total_steps}")
+    elif resume:
+        log(dist, f"--resume: no checkpoint in {out} yet, starting from scratch")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
+    barrier(dist)
+
+    knn_data = None
+    if val_data:
+        knn_data = KnnMonitor(collection, images, labels, val_data, pre, cfg, device,
+                              progress and dist.is_main)
+
+    def save(step: int):
+        if not dist.is_main:
+            return
+        ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict())
+        ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch, stem=cfg.model.stem,
+                             embedding_dim=feature_dim, preprocessing=pre, step=step)
+
+    # ---- 6. the training loop -----------------------------------------------------------------
+    metrics_file = open(out / "metrics.jsonl", "a") if dist.is_main else None
+    writer = _tensorboard(out) if dist.is_main else None
+    stop = Stop()
+    stop.install()
+    batches = None
+    if pipeline == "stream":
+        batches = iter(stream_loader(collection, plan, size, views, cfg.run.seed, start_step, total_steps,
+                                     cfg.data.workers, pin_memory=device_type == "cuda"))
+    amp = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    micro = cfg.optim.accumulate
+    profiler = _profiler(profile_dir, device_type) if profile_dir and dist.is_main else None
+    bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
+    window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": 0}
+    last_loss = float("nan")
+    byol.train()
+    budget.start()
+    step = start_step
+    while step < total_steps:
+        # -- data: a batch of two augmented views
+        t_data = time.perf_counter()
+        if pipeline == "memory":
+            raw = images[plan.indices(step).to(device)]
+        else:
+            raw, skipped = next(batches)
+            window["skipped"] += skipped
+            if raw is None:
+                continue
+            raw = raw.to(device, non_blocking=True)
+        window["data"] += time.perf_counter() - t_data
+        for g in optimizer.param_groups:
+            g["lr"] = float(lr_at[step])  # a Python float: numpy scalars break weights_only loading
+
+        # -- forward and backward, optionally over several micro-batches
+        for k, chunk in enumerate(raw.chunk(micro)):
+            view1, view2 = augment(chunk)
+            sync = contextlib.nullcontext() if (not dist.enabled or k == micro - 1) else model.no_sync()
+            with sync:
+                with amp:
+                    loss, projection = forward(view1, view2)
+                (loss / micro).backward()
+
+        # -- optimiser step, then the target moves towards the online network
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        byol.update_target(float(tau_at[step + 1]))
+        window["steps"] += 1
+        if profiler:
+            profiler.step()
+
+        done = step + 1
+        # -- a time budget fixes the step count once the speed is known (early in warmup,
+        #    where the schedules do not yet depend on it)
+        new_total = budget.after_step(done, total_steps, dist)
+        if new_total != total_steps:
+            total_steps = new_total
+            lr_at = warmup_cosine(lr_peak, total_steps, warmup_steps)
+            tau_at = tau_schedule(cfg.byol.tau_base, total_steps)
+            cfg.optim.max_steps = total_steps  # what a resume continues with
+            if dist.is_main:
+                ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
+                bar.total = total_steps
+                log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
+
+        # -- logging (the only host synchronisation, every log_every steps)
+        if done % cfg.run.log_every == 0 or done == total_steps:
+            last_loss = all_reduce_mean(loss.detach().float(), dist).item()
+            elapsed = time.perf_counter() - window["t0"]
+            record = {"step": done, "epoch": done / plan.steps_per_epoch, "loss": last_loss,
+                      "lr": float(lr_at[step]), "tau": float(tau_at[done]),
+                      "images_per_s": window["steps"] * cfg.optim.batch_size / elapsed,
+                      "data_wait": window["data"] / elapsed,
+                      "projection_std": _projection_std(projection), "skipped_images": window["skipped"]}
+            if dist.is_main:
+                _write_metrics(metrics_file, writer, record)
+                bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
+                                lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
+                if record["projection_std"] < 0.1 / math.sqrt(cfg.model.projection_dim):
+                    log(dist, f"warning: step {done}: the representation looks collapsed (per-dimension std of "
+                              f"normalised projections {record['projection_std']:.2e}); lower the LR or raise tau")
+            window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": window["skipped"]}
+        if dist.is_main:
+            bar.update(1)
+
+        epoch_end = done % plan.steps_per_epoch == 0
+        if done % cfg.run.checkpoint_every == 0 or epoch_end or done == total_steps or stop.requested:
+            save(done)
+        if knn_data and epoch_end and cfg.run.knn_every and (done // plan.steps_per_epoch) % cfg.run.knn_every == 0 \
+                and done != total_steps:
+            if dist.is_main:
+                with budget.paused():  # evaluation time is not training time
+                    scores = {f"knn_{k}": v for k, v in knn_data.run(byol.encoder).items()}
+                _write_metrics(metrics_file, writer, {"step": done, "train_seconds": budget.elapsed(), **scores})
+        step = done
+        if stop.requested:
+            log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
+            break
+    bar.close()
+    if profiler:
+        profiler.stop()
+
+    # ---- 7. final evaluation and summary ------------------------------------------------------
+    summary = {"steps": step, "total_steps": total_steps, "train_seconds": budget.elapsed(),
+               "loss": last_loss, "pipeline": pipeline, "precision": precision, "world_size": dist.world}
+    if knn_data and dist.is_main and not stop.requested:
+        summary.update({f"knn_{k}": v for k, v in knn_data.run(byol.encoder).items()})
+        _write_metrics(metrics_file, writer, {"step": step, "train_seconds": summary["train_seconds"], **{k: summary[k] for k in summary if k.startswith("knn")}})
+    if dist.is_main:
+        metrics_file.close()
+        if writer:
+            writer.close()
+        ckpt_io.atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    barrier(dist)
+    shutdown(dist)
+    return summary
+
+
+class TimeBudget:
+    """Turns a wall-clock budget into a step count, measured over steps 3-12 of the run.
+
+    Only ever shortens the configured run. The warmup LR ramp does not depend on the total,
+    and tau barely moves in the first steps, so fixing the total this late changes nothing.
+    """
+    FIRST, LAST = 2, 12
+
+    def __init__(self, seconds: float, start_step: int):
+        self.seconds, self.active = seconds, seconds > 0 and start_step < self.LAST
+        self.t_begin = self.t_first = None
+        self.excluded = 0.0
+
+    def start(self):
+        self.t_begin = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds so far (evaluation pauses excluded)."""
+        return time.perf_counter() - self.t_begin - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def after_step(self, done: int, total: int, dist: Dist) -> int:
+        if not self.active:
+            return total
+        if done == self.FIRST:
+            self.t_first = time.perf_counter()
+        if done < self.LAST or self.t_first is None:
+            return total
+        self.active = False
+        per_step = torch.tensor((time.perf_counter() - self.t_first) / (self.LAST - self.FIRST))
+        if dist.enabled:  # every process must agree: plan for the slowest
+            torch.distributed.all_reduce(per_step, op=torch.distributed.ReduceOp.MAX)
+        fits = done + int((self.seconds - self.elapsed()) / per_step.item())
+        return max(done + 1, min(total, fits))
+
+
+class KnnMonitor:
+    """Weighted kNN top-1/top-5 of the online encoder: training images as memory, --val-data as queries."""
+
+    def __init__(self, train: ImageCollection, train_images, train_labels, val_spec: str, pre, cfg: Config,
+                 device, progress):
+        val = open_collection(val_spec)
+        if train.labels is None or val.labels is None:
+            raise DataError("the kNN monitor needs labels on both --data and --val-data "
+                            "(class sub-folders, or a torchvision data set)")
+        unseen = set(val.classes) - set(train.classes)
+        if unseen:
+            raise DataError(f"--val-data has classes the training data lacks: {sorted(unseen)[:5]}")
+        if train_images is None:
+            train_images, train_labels, _ = decode_all(train, pre, cfg.data.workers, progress, "decoding kNN memory")
+        self.train_images, self.train_labels = train_images, train_labels
+        self.val_images, self.val_labels, _ = decode_all(val, pre, cfg.data.workers, progress, "decoding kNN queries")
+        if train.classes and val.classes:  # align class indices by name
+            remap = torch.tensor([train.classes.index(c) for c in val.classes])
+            self.val_labels = remap[self.val_labels]
+        self.num_classes = max(len(train.classes), int(self.train_labels.max()) + 1)
+        self.pre, self.cfg, self.device, self.progress = pre, cfg, device, progress
+
+    def run(self, encoder) -> dict:
+        precision = "bf16" if self.cfg.run.precision == "bf16" else "fp32"
+        bank = embed(encoder, self.train_images, self.pre, self.device, precision=precision, progress=self.progress,
+                     desc="kNN memory")
+        queries = embed(encoder, self.val_images, self.pre, self.device, precision=precision, progress=self.progress,
+                        desc="kNN queries")
+        return knn_accuracy(bank, self.train_labels.to(bank.device), queries, self.val_labels.to(bank.device),
+                            self.num_classes, self.cfg.run.knn_k, self.cfg.run.knn_temperature)
+
+
+def _projection_std(z: torch.Tensor) -> float:
+    return torch.nn.functional.normalize(z.float(), dim=1).std(0).mean().item()
+
+
+def _write_metrics(f, writer, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    if writer:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, record["step"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="BYOL", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _profiler(out_dir: str, device_type: str):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    prof = profile(activities=activities, schedule=schedule(wait=2, warmup=2, active=5, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(out_dir))
+    prof.start()
+    return prof
+
+
+# ============================================================================================
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        saved = None
+        if args.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
+            saved = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)["config"]
+        elif not args.resume and (out / ckpt_io.CHECKPOINT_NAME).exists():
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        cfg = resolve_config(args, saved)
+        if not args.data:
+            raise UsageError("--data is required (an image folder, a zip archive, or cifar10/cifar100/stl10)")
+        summary = train(cfg, args.data, out, resume=args.resume, val_data=args.val_data,
+                        progress=not args.no_progress, profile_dir=args.profile)
+    except (UsageError, DataError, ckpt_io.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
