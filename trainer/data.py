@@ -181,11 +181,13 @@ class BatchPlan:
     Steps are indexed globally, so a resumed run picks up exactly where it stopped.
     """
 
-    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, num_images: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu"):
         if global_batch > num_images:
             raise DataError(f"batch size {global_batch} is larger than the data set ({num_images} images); "
                             "lower --batch-size")
         self.n, self.global_batch, self.seed, self.rank, self.world = num_images, global_batch, seed, rank, world
+        self.device = torch.device(device)
         self.local_batch = global_batch // world
         self.steps_per_epoch = num_images // global_batch  # the last partial batch is dropped
         self._epoch, self._perm = None, None
@@ -194,7 +196,8 @@ class BatchPlan:
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+            # Kept on the training device: slicing it then needs no host-to-device copy per step.
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
         start = k * self.global_batch + self.rank * self.local_batch
         return self._perm[start:start + self.local_batch]
 

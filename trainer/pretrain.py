@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
           "\n(see config.json of a run for every setting).")
     p.add_argument("--preset", default=None, help=f"named configuration: {', '.join(PRESETS)} "
                    "(default: cpu-quick, or the resumed run's own)")
-    p.add_argument("--data", help="image folder (class sub-folders optional), zip archive of one, "
+    p.add_argument("--data", help="(required unless resuming) image folder (class sub-folders optional), zip archive of one, "
                    "or a torchvision data set: cifar10, cifar100, stl10 (downloaded when online)")
     p.add_argument("--out", required=True, help="run directory (created; must be new unless --resume)")
     p.add_argument("--val-data", default=None, help="labelled images for the kNN monitor "
@@ -148,8 +148,9 @@ def log(dist: Dist, msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
-def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str | None = None,
-          progress: bool = True, profile_dir: str | None = None, saved: dict | None = None) -> dict:
+def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, val_data: str | None = None,
+          progress: bool = True, profile_dir: str | None = None) -> dict:
+    """Train BYOL; `resume_state` is a loaded checkpoint to continue from."""
     # ---- 1. processes, device, precision, seeds ----------------------------------------------
     want = cfg.run.device
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
@@ -181,12 +182,12 @@ def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str
     images = labels = None
     if pipeline == "memory":
         t0 = time.perf_counter()
-        images, labels, skipped = decode_all(collection, pre, workers=cfg.data.workers, progress=progress and dist.is_main,
-                                        desc="decoding images into memory")
+        images, labels, skipped = decode_all(collection, pre, workers=cfg.data.workers,
+                                             progress=progress and dist.is_main, desc="decoding images into memory")
         if skipped:
             log(dist, f"skipped {skipped} unreadable image(s) of {len(collection)}")
-            plan = BatchPlan(len(images), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
         images = images.to(device)
+        plan = BatchPlan(len(images), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world, device)
         log(dist, f"decoded {len(images)} images ({collection.description}) in {time.perf_counter() - t0:.1f}s")
 
     # ---- 3. networks --------------------------------------------------------------------------
@@ -216,8 +217,8 @@ def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str
 
     # ---- 5. run directory and resume ----------------------------------------------------------
     start_step = 0
-    if resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-        state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
+    if resume_state is not None:
+        state = resume_state
         ckpt_io.check_same_model(state["config"], cfg.to_dict(), out / ckpt_io.CHECKPOINT_NAME)
         byol.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -227,8 +228,6 @@ def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str
         start_step = int(state["step"])
         budget = TimeBudget(cfg.optim.time_budget_s, start_step)
         log(dist, f"resumed {out} at step {start_step}/{total_steps}")
-    elif resume:
-        log(dist, f"--resume: no checkpoint in {out} yet, starting from scratch")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
@@ -242,7 +241,8 @@ def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str
     def save(step: int):
         if not dist.is_main:
             return
-        ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict())
+        ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict(),
+                                extra={"data": str(data), "val_data": val_data})
         ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch, stem=cfg.model.stem,
                              embedding_dim=feature_dim, preprocessing=pre, step=step)
 
@@ -268,7 +268,7 @@ def train(cfg: Config, data: str, out: Path, resume: bool = False, val_data: str
         # -- data: a batch of two augmented views
         t_data = time.perf_counter()
         if pipeline == "memory":
-            raw = images[plan.indices(step).to(device)]
+            raw = images[plan.indices(step)]
         else:
             raw, skipped = next(batches)
             window["skipped"] += skipped
@@ -478,15 +478,19 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        saved = None
+        state = None
         if args.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-            saved = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)["config"]
-        elif not args.resume and (out / ckpt_io.CHECKPOINT_NAME).exists():
+            state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
+            args.data = args.data or state.get("data")  # the run remembers its data
+            args.val_data = args.val_data or state.get("val_data")
+        elif args.resume:
+            print(f"--resume: no checkpoint in {out} yet, starting from scratch", file=sys.stderr)
+        elif (out / ckpt_io.CHECKPOINT_NAME).exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-        cfg = resolve_config(args, saved)
+        cfg = resolve_config(args, state["config"] if state else None)
         if not args.data:
             raise UsageError("--data is required (an image folder, a zip archive, or cifar10/cifar100/stl10)")
-        summary = train(cfg, args.data, out, resume=args.resume, val_data=args.val_data,
+        summary = train(cfg, args.data, out, resume_state=state, val_data=args.val_data,
                         progress=not args.no_progress, profile_dir=args.profile)
     except (UsageError, DataError, ckpt_io.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
