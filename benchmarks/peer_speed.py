@@ -26,13 +26,16 @@ inside its forward, so it runs under autocast too).
 
 The contenders are timed in alternating rounds in one process (A, B, A, B, ...), so a background
 load hits both alike; the report gives each one's median images/s over the rounds and the ratio
-byolkit / byol-pytorch (of the medians, and the median of the per-round ratios).
+byolkit / byol-pytorch (of the medians, and the median of the per-round ratios). Images per
+CPU-second of this process (all its threads) are reported too: less sensitive to other processes
+than wall time (on an otherwise idle machine, images/s ~ images/CPU-s x threads).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -60,8 +63,8 @@ def import_peer():
     try:
         from byol_pytorch import BYOL as PeerBYOL
     except ImportError as e:  # the package, or one of its own dependencies (einops, accelerate, ...)
-        return None, None, f"byol-pytorch is not importable ({e}); install it with `pip install byol-pytorch` " \
-                           f"(it is in byolkit's test extra: `pip install -e .[test]`)"
+        return None, None, (f"byol-pytorch is not importable ({e}); install it with `pip install byol-pytorch` "
+                            f"(it is in byolkit's test extra: `pip install -e .[test]`)")
     try:
         from importlib.metadata import version
         peer_version = version("byol-pytorch")
@@ -127,9 +130,12 @@ class Peer:
     def __init__(self, args, amp, PeerBYOL):
         torch.manual_seed(args.seed)
         encoder, _ = build_encoder(args.arch, "small")  # the same module, same stem, same initial weights
+        kwargs = {}
+        if "use_simplicial_embeddings" in inspect.signature(PeerBYOL).parameters:  # byol-pytorch >= 0.9
+            kwargs["use_simplicial_embeddings"] = args.peer_sem
         self.learner = PeerBYOL(encoder, image_size=args.image_size, hidden_layer="avgpool",
                                 projection_size=args.projection_dim, projection_hidden_size=args.hidden_dim,
-                                moving_average_decay=args.tau, use_simplicial_embeddings=args.peer_sem)
+                                moving_average_decay=args.tau, **kwargs)
         # byol-pytorch's own default augmentation, timed; augment2 is the same module as augment1
         timed = Timed(self.learner.augment1)
         self.learner.augment1 = self.learner.augment2 = timed
@@ -172,7 +178,8 @@ def run(args, PeerBYOL) -> dict:
     batches = [torch.randperm(args.num_images, generator=gen)[:args.batch_size] for _ in range(total)]
     contenders = [Byolkit(args, amp), Peer(args, amp, PeerBYOL)]
     torch.manual_seed(args.seed)
-    state = {c.name: {"next": 0, "rates": [], "aug_share": [], "losses": []} for c in contenders}
+    state = {c.name: {"next": 0, "rates": [], "cpu_rates": [], "aug_share": [], "losses": [], "load": []}
+             for c in contenders}
 
     def steps(c, n):
         s = state[c.name]
@@ -188,26 +195,33 @@ def run(args, PeerBYOL) -> dict:
     for r in range(args.rounds):
         for c in contenders:
             aug0 = c.aug_seconds
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             loss = steps(c, args.steps_per_round)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             s = state[c.name]
-            s["rates"].append(args.steps_per_round * args.batch_size / elapsed)
+            images_done = args.steps_per_round * args.batch_size
+            s["rates"].append(images_done / elapsed)
+            s["cpu_rates"].append(images_done / cpu)
             s["aug_share"].append((c.aug_seconds - aug0) / elapsed)
             s["losses"].append(loss)
+            s["load"].append(os.getloadavg()[0])
             print(f"round {r + 1}/{args.rounds} {c.name:13s} {s['rates'][-1]:8.1f} images/s "
-                  f"(augmentation {100 * s['aug_share'][-1]:.0f}% of step time, loss {loss:.4f})",
-                  file=sys.stderr, flush=True)
+                  f"{s['cpu_rates'][-1]:8.1f} images/CPU-s (augmentation {100 * s['aug_share'][-1]:.0f}% of "
+                  f"step time, loss {loss:.4f}, load {s['load'][-1]:.1f})", file=sys.stderr, flush=True)
 
     results = {}
     for c in contenders:
         s = state[c.name]
         results[c.name] = {"images_per_s": statistics.median(s["rates"]), "images_per_s_rounds": s["rates"],
-                           "augmentation_share": statistics.median(s["aug_share"]), "losses": s["losses"]}
+                           "images_per_cpu_s": statistics.median(s["cpu_rates"]),
+                           "images_per_cpu_s_rounds": s["cpu_rates"],
+                           "augmentation_share": statistics.median(s["aug_share"]), "losses": s["losses"],
+                           "load_average_1min_rounds": s["load"]}
     a, b = results[BYOLKIT], results[PEER]
-    per_round = [x / y for x, y in zip(a["images_per_s_rounds"], b["images_per_s_rounds"])]
+    per_round = [x / y for x, y in zip(a["images_per_s_rounds"], b["images_per_s_rounds"], strict=True)]
     return {"results": results, "ratio": a["images_per_s"] / b["images_per_s"],
-            "ratio_per_round": per_round, "ratio_per_round_median": statistics.median(per_round)}
+            "ratio_per_round": per_round, "ratio_per_round_median": statistics.median(per_round),
+            "ratio_cpu": a["images_per_cpu_s"] / b["images_per_cpu_s"]}
 
 
 def main(argv=None) -> int:
@@ -260,13 +274,14 @@ def main(argv=None) -> int:
     print(f"\n{args.arch} (small stem), {args.image_size}px, batch {args.batch_size}, {args.precision}, "
           f"{args.rounds} rounds x {args.steps_per_round} steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, byol-pytorch {peer_version}")
-    print(f"{'contender':14s} {'images/s (median)':>18s} {'rounds':>28s} {'aug share':>10s}")
+    print(f"{'contender':14s} {'images/s (median)':>18s} {'images/CPU-s':>13s} {'aug share':>10s}  images/s per round")
     for name in (BYOLKIT, PEER):
         r = res[name]
         rounds = " ".join(f"{x:.1f}" for x in r["images_per_s_rounds"])
-        print(f"{name:14s} {r['images_per_s']:18.1f} {rounds:>28s} {100 * r['augmentation_share']:9.0f}%")
-    print(f"ratio byolkit/byol-pytorch: {out['ratio']:.3f} (median of per-round ratios "
-          f"{out['ratio_per_round_median']:.3f})")
+        print(f"{name:14s} {r['images_per_s']:18.1f} {r['images_per_cpu_s']:13.1f} "
+              f"{100 * r['augmentation_share']:9.0f}%  {rounds}")
+    print(f"ratio byolkit/byol-pytorch: {out['ratio']:.3f} images/s (median of per-round ratios "
+          f"{out['ratio_per_round_median']:.3f}), {out['ratio_cpu']:.3f} images/CPU-s")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ def test_peer_speed_tiny(tmp_path):
     # byol-pytorch is in the test extra: a missing install fails here with the script's one-line error
     out = tmp_path / "peer.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--json", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"byolkit", "byol-pytorch"}
@@ -34,7 +34,8 @@ def test_peer_speed_without_byol_pytorch(tmp_path):
     code = ("import runpy, sys; sys.modules['byol_pytorch'] = None; "
             f"sys.argv = [{str(SCRIPT)!r}, *{TINY!r}]; "
             f"sys.exit(runpy.run_path({str(SCRIPT)!r}, run_name='__main__'))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "byol-pytorch is not importable" in proc.stderr
     assert "Traceback" not in proc.stderr
