@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL use
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL uses (torchvision: 0.2989, within 1e-4)
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,17 @@ class ViewAugmentation:
         return asdict(self)
 
 
-def byol_views(blur: bool = True, crop_scale=(0.08, 1.0)) -> tuple[ViewAugmentation, ViewAugmentation]:
-    """The paper's T and T'. Small images (CIFAR-like) drop the blur, as is usual there."""
-    t1 = ViewAugmentation(crop_scale=tuple(crop_scale), blur_p=1.0 if blur else 0.0, solarize_p=0.0)
-    t2 = ViewAugmentation(crop_scale=tuple(crop_scale), blur_p=0.1 if blur else 0.0, solarize_p=0.2)
+def byol_views(blur: bool = True, crop_scale=(0.08, 1.0), color_strength: float = 1.0,
+               grayscale_p: float = 0.2) -> tuple[ViewAugmentation, ViewAugmentation]:
+    """The paper's T and T'. Small images (CIFAR-like) drop the blur, as is usual there.
+
+    `color_strength` scales the jitter magnitudes (0.4, 0.4, 0.2, 0.1); 1 is the paper's.
+    """
+    s = color_strength
+    common = dict(crop_scale=tuple(crop_scale), brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s,
+                  hue=0.1 * s, grayscale_p=grayscale_p)
+    t1 = ViewAugmentation(**common, blur_p=1.0 if blur else 0.0, solarize_p=0.0)
+    t2 = ViewAugmentation(**common, blur_p=0.1 if blur else 0.0, solarize_p=0.2)
     return t1, t2
 
 

@@ -25,6 +25,8 @@ class DataConfig:
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
     blur: bool = True                 # small-image presets drop the Gaussian blur
     crop_scale_min: float = 0.08
+    color_strength: float = 1.0       # scales the colour-jitter magnitudes (1: the paper's)
+    grayscale_p: float = 0.2
     pipeline: str = "auto"            # memory | stream | auto (memory for small data sets)
     workers: int = 8
 

@@ -177,7 +177,8 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     if pipeline == "auto":
         fits = len(collection) * 3 * pre.resize_size ** 2 <= MEMORY_PIPELINE_MAX_BYTES
         pipeline = "memory" if fits and size <= 96 else "stream"
-    views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0))
+    views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0),
+                       color_strength=cfg.data.color_strength, grayscale_p=cfg.data.grayscale_p)
     augment = BatchAugment(views, size, pre.mean, pre.std, crop=(pipeline == "memory")).to(device)
     images = labels = None
     if pipeline == "memory":
