@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .preprocess import normalize_unit_tensor
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL uses (torchvision: 0.2989, within 1e-4)
 
 
@@ -248,8 +250,9 @@ class BatchAugment(torch.nn.Module):
                  crop: bool = True):
         super().__init__()
         self.views, self.size, self.crop = views, size, crop
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # Buffers move with .to(device): no host-to-device copy of the constants per batch.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,5 +263,5 @@ class BatchAugment(torch.nn.Module):
             else:
                 x = images[:, k].float().div_(255.0)
             x = photometric(x, aug)
-            out.append(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+            out.append(normalize_unit_tensor(x, self.mean, self.std).contiguous(memory_format=torch.channels_last))
         return out[0], out[1]

@@ -94,10 +94,17 @@ class Preprocessing:
 
     def normalize_tensor(self, batch_chw):
         """torch uint8 [N, 3, H, W] (any device) -> float32, scaled and normalised (step 4)."""
-        import torch
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch_chw.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=batch_chw.device).view(1, 3, 1, 1)
-        return (batch_chw.float() / 255.0 - mean) / std
+        return normalize_unit_tensor(batch_chw.float() / 255.0, self.mean, self.std)
+
+
+def normalize_unit_tensor(batch_chw, mean, std):
+    """torch float [N, 3, H, W] in [0, 1] -> normalised with `mean` / `std`: step 4 on tensors,
+    shared by inference (`Preprocessing.normalize_tensor`) and the training augmentations.
+    `mean` / `std` may be sequences or float32 tensors already on the batch's device (no copy)."""
+    import torch
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=batch_chw.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=batch_chw.device).view(1, 3, 1, 1)
+    return (batch_chw - mean) / std
 
 
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
