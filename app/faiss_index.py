@@ -1,0 +1,518 @@
+"""A similarity index over image embeddings: FAISS for the search, a small manifest for the rest.
+
+Similarity is cosine: every vector is L2-normalised on the way in and searched by inner product.
+Three index kinds, chosen by size unless asked for by name:
+
+  flat    exact search (faiss.IndexFlatIP), for collections up to AUTO_EXACT_MAX vectors;
+  hnsw    approximate: an HNSW graph over the full vectors, up to AUTO_HNSW_MAX vectors;
+  ivfpq   approximate: an inverted file of product-quantised codes (a few dozen bytes a vector
+          in memory), whose candidates are re-ranked exactly against the stored vectors.
+
+An approximate index is tuned when it is built: its search breadth (efSearch for HNSW, nprobe for
+IVF-PQ) is raised until recall@10 against exact search, measured on a sample of the collection
+querying the rest, reaches the target (0.95 unless told otherwise); the manifest records what was
+measured.
+
+On disk an index is a directory:
+
+  index.json             the manifest: model identity (fingerprint, embedding size), index kind,
+                         parameters and measured recall, image sources, count, file names
+  vectors-<gen>.npy      the normalised embeddings, float32 [N, D] (the source of truth: re-ranking,
+                         rebuilds and recall measurements read it, memory-mapped)
+  index-<gen>.faiss      the FAISS index over them
+  items-<gen>.jsonl      one line per vector: {"source": i, "name": path or archive member, "label": class}
+
+Every save writes a new generation of the data files, then replaces index.json atomically, then
+removes the previous generation: a reader, or a crash at any point, sees the old index or the new
+one, never a mix. One writer at a time is assumed.
+
+Vectors from a different model are refused (fingerprint and embedding size are checked), since
+distances between two models' embeddings mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_NAME = "index.json"
+INDEX_FORMAT = "byolkit-index/1"
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+AUTO_EXACT_MAX = 50_000       # up to here exact search answers a query in tens of milliseconds on a CPU
+AUTO_HNSW_MAX = 2_000_000     # beyond, the full vectors of an HNSW graph (4 D bytes each) crowd the RAM
+DEFAULT_TARGET_RECALL = 0.95
+RECALL_K = 10
+RECALL_QUERIES = 1000
+HNSW_EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+IVF_NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
+
+
+class SearchIndexError(ValueError):
+    """An index that cannot be used as asked (missing, corrupt, wrong shape)."""
+
+
+class ModelMismatchError(SearchIndexError):
+    """Embeddings from a model other than the one the index was built with."""
+
+
+def normalize(vectors) -> np.ndarray:
+    """float32 [N, D], each row scaled to unit length (zero rows stay zero)."""
+    x = np.array(vectors, dtype=np.float32, copy=True, ndmin=2)
+    if x.ndim != 2:
+        raise SearchIndexError(f"expected vectors of shape [N, D], got {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def auto_kind(n: int) -> str:
+    return "flat" if n <= AUTO_EXACT_MAX else "hnsw" if n <= AUTO_HNSW_MAX else "ivfpq"
+
+
+def _faiss():
+    import faiss
+    return faiss
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the FAISS part
+# ----------------------------------------------------------------------------------------------
+def default_params(kind: str, n: int, dim: int) -> dict:
+    """Parameters of a `kind` index for `n` vectors of `dim` dimensions (search breadths get tuned later)."""
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 80, "efSearch": 64}
+    if kind == "ivfpq":
+        # about 4 sqrt(n) lists, a power of two, each trained on at least 39 points
+        nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))
+        nlist = int(max(1, min(nlist, 65536, n // 39)))
+        # one byte per 8 dimensions (64 bytes for 512-d; FAISS trains sub-quantisers of fewer than 8
+        # dimensions far more slowly); fewer bits per code on small sets
+        m = next((c for c in (64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2) if dim % c == 0 and dim // c >= 8), 1)
+        nbits = next((b for b in (8, 6, 4, 3, 2) if n >= 39 * 2 ** b), 1)
+        return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(16, nlist), "refine": 10}
+    return {}
+
+
+def make_faiss_index(kind: str, dim: int, params: dict, train_vectors: np.ndarray | None = None, seed: int = 0):
+    """An empty FAISS index of `kind` (IVF-PQ trained on a sample of `train_vectors`)."""
+    faiss = _faiss()
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params["efConstruction"])
+        index.hnsw.efSearch = int(params["efSearch"])
+        return index
+    if kind == "ivfpq":
+        if train_vectors is None or len(train_vectors) == 0:
+            raise SearchIndexError("an IVF-PQ index needs vectors to train on")
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]),
+                                 faiss.METRIC_INNER_PRODUCT)
+        budget = max(40 * int(params["nlist"]), 40 * 2 ** int(params["nbits"]), 20_000)
+        rng = np.random.default_rng(seed)
+        sample = train_vectors if len(train_vectors) <= budget else \
+            train_vectors[np.sort(rng.choice(len(train_vectors), budget, replace=False))]
+        index.cp.seed, index.cp.niter, index.pq.cp.seed, index.pq.cp.niter = seed, 10, seed, 15
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = int(params["nprobe"])
+        return index
+    raise SearchIndexError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+
+
+def _add_in_chunks(index, vectors: np.ndarray, chunk: int = 100_000) -> None:
+    for start in range(0, len(vectors), chunk):
+        index.add(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32))
+
+
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 200_000):
+    """Exact top-k by inner product -> (scores [Q, k], ids [Q, k]), over a possibly memory-mapped base."""
+    faiss = _faiss()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), chunk):
+        block = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
+        s, i = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + start], 1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return best_s, best_i
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean |found[:k] & truth[:k]| / k over the queries (ids < 0 never count)."""
+    hits = [len({int(a) for a in f[:k] if a >= 0} & {int(b) for b in t[:k]}) for f, t in zip(found, truth)]
+    return float(np.mean(hits)) / k if hits else 1.0
+
+
+def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """Each row without its query's own id, cut to k (padded with -1)."""
+    out = np.full((len(ids), k), -1, np.int64)
+    for r, (row, me) in enumerate(zip(ids, self_ids)):
+        kept = [int(v) for v in row if v != me and v >= 0][:k]
+        out[r, :len(kept)] = kept
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SearchIndex:
+    """Normalised vectors, their FAISS index, what each vector is, and which model made them."""
+
+    dim: int
+    model: dict                                    # fingerprint, embedding_dim, arch, ... of the encoder
+    kind: str = "flat"
+    requested: str = "auto"
+    params: dict = field(default_factory=dict)
+    recall: dict | None = None                     # {"k", "value", "queries", "target"} for approximate kinds
+    sources: list = field(default_factory=list)    # [{"kind": "folder"|"zip"|..., "path": ...}]
+    items: list = field(default_factory=list)      # [{"source": i, "name": ..., "label": ...}]
+    skipped: int = 0                               # unreadable images met while building and adding
+    created: str = ""
+    updated: str = ""
+    vectors: np.ndarray | None = None
+    faiss_index: object = None
+    path: Path | None = None
+    target_recall: float = DEFAULT_TARGET_RECALL
+    build_seconds: float = 0.0
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vectors, items=None, *, model: dict, kind: str = "auto", params: dict | None = None,
+              sources=None, skipped: int = 0, target_recall: float = DEFAULT_TARGET_RECALL,
+              tune: bool = True, seed: int = 0, progress=None) -> SearchIndex:
+        """A new index over `vectors` (normalised here) made by `model` (needs "fingerprint")."""
+        x = normalize(vectors)
+        if len(x) == 0:
+            raise SearchIndexError("no vectors to index (no readable images?)")
+        if "fingerprint" not in model:
+            raise SearchIndexError("the model's metadata lacks a fingerprint")
+        dim = int(x.shape[1])
+        if int(model.get("embedding_dim", dim)) != dim:
+            raise ModelMismatchError(f"vectors have {dim} dimensions but the model says embedding_dim="
+                                     f"{model.get('embedding_dim')}")
+        if kind not in KINDS:
+            raise SearchIndexError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+        now = _now()
+        index = cls(dim=dim, model=dict(model), requested=kind, sources=list(sources or []),
+                    items=_check_items(items, len(x)), skipped=int(skipped), created=now, updated=now,
+                    target_recall=float(target_recall))
+        index._build_faiss(x, params=params, tune=tune, seed=seed, progress=progress)
+        return index
+
+    def _build_faiss(self, x: np.ndarray, *, params: dict | None = None, tune: bool = True, seed: int = 0,
+                     progress=None) -> None:
+        kind = auto_kind(len(x)) if self.requested == "auto" else self.requested
+        started = time.perf_counter()
+        p = {**default_params(kind, len(x), self.dim), **(params or {})}
+        if progress:
+            progress(f"building a {kind} index over {len(x)} vectors")
+        index = make_faiss_index(kind, self.dim, p, train_vectors=x, seed=seed)
+        _add_in_chunks(index, x)
+        self.kind, self.params, self.vectors, self.faiss_index = kind, p, x, index
+        self.build_seconds = time.perf_counter() - started
+        self.recall = None
+        if kind != "flat" and tune:
+            if progress:
+                progress(f"tuning the search breadth for recall@{RECALL_K} >= {self.target_recall}")
+            self.tune(self.target_recall, seed=seed)
+
+    # -- model guard ---------------------------------------------------------------------------
+    def check_model(self, model: dict) -> None:
+        """Refuse embeddings from any model but the index's own."""
+        mine, theirs = self.model.get("fingerprint"), (model or {}).get("fingerprint")
+        if theirs != mine:
+            raise ModelMismatchError(
+                f"this index was built with model fingerprint {mine} ({_describe(self.model)}), but the encoder "
+                f"given has fingerprint {theirs} ({_describe(model or {})}): embeddings of different models "
+                "cannot be compared. Use the model the index was built with, or build a new index with this one.")
+        dim = model.get("embedding_dim")
+        if dim is not None and int(dim) != self.dim:
+            raise ModelMismatchError(f"the encoder gives {dim}-dimensional embeddings, this index holds {self.dim}")
+
+    # -- adding --------------------------------------------------------------------------------
+    def add(self, vectors, items=None, *, model: dict, skipped: int = 0,
+            progress=None) -> int:
+        """Append vectors made by `model`; an automatically chosen kind is re-chosen as the size grows.
+        Returns the number added."""
+        self.check_model(model)
+        x = normalize(vectors)
+        if len(x) and x.shape[1] != self.dim:
+            raise ModelMismatchError(f"vectors have {x.shape[1]} dimensions, this index holds {self.dim}")
+        new_items = _check_items(items, len(x), start=len(self))
+        self.skipped += int(skipped)
+        if len(x) == 0:
+            return 0
+        merged = np.concatenate([np.asarray(self.vectors, np.float32), x])
+        self.items.extend(new_items)
+        self.updated = _now()
+        if self.requested == "auto" and auto_kind(len(merged)) != self.kind:
+            self._build_faiss(merged, progress=progress)  # grown out of its kind: rebuild
+            return len(x)
+        _add_in_chunks(self.faiss_index, x)
+        self.vectors = merged
+        if self.kind != "flat":
+            self.tune(self.target_recall)  # the breadth that was enough may no longer be
+        return len(x)
+
+    def add_source(self, kind: str, path: str) -> int:
+        """The index of an image source (folder, zip archive, upload...), registered once."""
+        entry = {"kind": kind, "path": str(path)}
+        if entry not in self.sources:
+            self.sources.append(entry)
+        return self.sources.index(entry)
+
+    # -- searching -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return 0 if self.vectors is None else len(self.vectors)
+
+    def search(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarities and ids [Q, k] of each query's nearest neighbours (id -1: none)."""
+        q = normalize(queries)
+        if q.shape[1] != self.dim:
+            raise ModelMismatchError(f"queries have {q.shape[1]} dimensions, this index holds {self.dim}")
+        k = int(k)
+        if k < 1:
+            raise SearchIndexError("k must be at least 1")
+        kk = min(k, len(self))
+        if self.kind == "hnsw":
+            self.faiss_index.hnsw.efSearch = max(int(self.params["efSearch"]), kk)
+        if self.kind == "ivfpq":
+            self.faiss_index.nprobe = int(self.params["nprobe"])
+            rf = max(1, int(self.params.get("refine", 1)))
+            _, cand = self.faiss_index.search(q, min(kk * rf, len(self)))
+            scores, ids = self._rerank(q, cand, kk)
+        else:
+            scores, ids = self.faiss_index.search(q, kk)
+        if kk < k:
+            pad = ((0, 0), (0, k - kk))
+            scores, ids = np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
+        return scores, ids
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int):
+        """Exact inner products of the candidates (read from the stored vectors) -> best k."""
+        valid = cand >= 0
+        rows = np.where(valid, cand, 0)
+        flat = np.unique(rows)  # sorted: each distinct row read once from the (memory-mapped) vectors
+        block = np.asarray(self.vectors[flat], dtype=np.float32)
+        pos = np.searchsorted(flat, rows)
+        sims = np.einsum("qcd,qd->qc", block[pos], q)
+        sims[~valid] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(np.where(valid, cand, -1), order, 1)
+        return np.take_along_axis(sims, order, 1).astype(np.float32), ids
+
+    def neighbours(self, query, k: int = 10) -> list[dict]:
+        """One query vector -> [{"rank", "id", "score", "name", "label", "source"}] best first."""
+        scores, ids = self.search(np.asarray(query, np.float32).reshape(1, -1), k)
+        out = []
+        for rank, (s, i) in enumerate(zip(scores[0], ids[0]), 1):
+            if i < 0:
+                continue
+            item = self.items[int(i)]
+            out.append({"rank": rank, "id": int(i), "score": float(s), **item})
+        return out
+
+    # -- recall ----------------------------------------------------------------------------------
+    def _recall_sample(self, n_queries: int, seed: int):
+        rng = np.random.default_rng(seed)
+        n = len(self)
+        ids = np.sort(rng.choice(n, min(n_queries, n), replace=False))
+        q = np.asarray(self.vectors[ids], np.float32)
+        _, truth = exact_neighbours(q, self.vectors, RECALL_K + 1)
+        return ids, q, _drop_self(truth, ids, RECALL_K)
+
+    def measure_recall(self, n_queries: int = RECALL_QUERIES, seed: int = 0, _sample=None) -> float:
+        """recall@10 against exact search: sampled members of the collection query the rest."""
+        if self.kind == "flat":
+            return 1.0
+        ids, q, truth = _sample or self._recall_sample(n_queries, seed)
+        _, found = self.search(q, RECALL_K + 1)
+        return recall_at_k(_drop_self(found, ids, RECALL_K), truth, RECALL_K)
+
+    def tune(self, target: float = DEFAULT_TARGET_RECALL, n_queries: int = RECALL_QUERIES, seed: int = 0) -> dict:
+        """The smallest search breadth that reaches `target` recall@10 (or the largest tried)."""
+        if self.kind == "flat":
+            self.recall = None
+            return {}
+        if len(self) <= RECALL_K + 1:  # too few vectors to measure anything: search them all
+            key = "efSearch" if self.kind == "hnsw" else "nprobe"
+            self.params[key] = max(HNSW_EF_LADDER[0], len(self)) if self.kind == "hnsw" else int(self.params["nlist"])
+            self.recall = {"k": RECALL_K, "value": None, "queries": 0, "target": target}
+            return self.recall
+        sample = self._recall_sample(n_queries, seed)
+        key, ladder = ("efSearch", HNSW_EF_LADDER) if self.kind == "hnsw" else ("nprobe", IVF_NPROBE_LADDER)
+        if self.kind == "ivfpq":
+            ladder = tuple(v for v in ladder if v < int(self.params["nlist"])) + (int(self.params["nlist"]),)
+        value = None
+        for setting in ladder:
+            self.params[key] = int(setting)
+            value = self.measure_recall(_sample=sample)
+            if value >= target:
+                break
+        self.recall = {"k": RECALL_K, "value": round(value, 4), "queries": len(sample[0]), "target": target}
+        return self.recall
+
+    # -- images ------------------------------------------------------------------------------------
+    def image_location(self, i: int) -> tuple[dict, str]:
+        item = self.items[i]
+        return self.sources[item["source"]] if self.sources else {"kind": "unknown", "path": ""}, item["name"]
+
+    def load_image(self, i: int):
+        """The indexed image `i` as an RGB PIL image (raises ImageDecodeError when it is gone)."""
+        from trainer.preprocess import ImageDecodeError, load_rgb
+        source, name = self.image_location(i)
+        if source["kind"] == "zip":
+            import zipfile
+            try:
+                with zipfile.ZipFile(source["path"]) as zf:
+                    data = zf.read(name)
+            except (OSError, KeyError, zipfile.BadZipFile) as e:
+                raise ImageDecodeError(f"cannot read {name} from {source['path']}: {e}") from None
+            return load_rgb(data)
+        return load_rgb(Path(source["path"]) / name)
+
+    def describe_item(self, i: int) -> str:
+        item = self.items[i]
+        return f"{item['label']}: {item['name']}" if item.get("label") else item["name"]
+
+    def info(self) -> dict:
+        labels = sorted({it["label"] for it in self.items if it.get("label")})
+        return {"count": len(self), "embedding_dim": self.dim, "kind": self.kind, "requested": self.requested,
+                "params": dict(self.params), "recall": self.recall, "model": dict(self.model),
+                "sources": list(self.sources), "labels": labels, "skipped": self.skipped,
+                "created": self.created, "updated": self.updated, "path": str(self.path) if self.path else None}
+
+    # -- disk ----------------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """Write a new generation of the files, then switch index.json to it atomically."""
+        from trainer.checkpoint import atomic_write
+        faiss = _faiss()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        old = _read_manifest(directory) if (directory / MANIFEST_NAME).exists() else None
+        generation = int(old["generation"]) + 1 if old else 1
+        while any((directory / f"{stem}-{generation}{ext}").exists() for stem, ext in _FILES.values()):
+            generation += 1  # leftovers of an interrupted save: never write over files we did not commit
+        files = {key: f"{stem}-{generation}{ext}" for key, (stem, ext) in _FILES.items()}
+        with open(directory / files["vectors"], "wb") as f:
+            np.save(f, np.asarray(self.vectors, np.float32))
+            f.flush()
+            os.fsync(f.fileno())
+        faiss.write_index(self.faiss_index, str(directory / files["index"]))
+        with open(directory / files["items"], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in self.items)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(directory / files["index"])
+        manifest = {"format": INDEX_FORMAT, "generation": generation, "files": files, "count": len(self),
+                    "embedding_dim": self.dim, "metric": "cosine", "model": self.model,
+                    "index": {"kind": self.kind, "requested": self.requested, "params": self.params,
+                              "recall": self.recall, "target_recall": self.target_recall,
+                              "build_seconds": round(self.build_seconds, 3)},
+                    "sources": self.sources, "skipped": self.skipped, "created": self.created,
+                    "updated": self.updated, "byolkit_version": _version()}
+        atomic_write(directory / MANIFEST_NAME,
+                     lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8"))
+        keep = set(files.values()) | {MANIFEST_NAME}
+        for p in directory.iterdir():  # the previous generation and any interrupted one
+            if p.is_file() and p.name not in keep and _is_ours(p.name):
+                p.unlink(missing_ok=True)
+        self.path = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory, mmap: bool = True) -> SearchIndex:
+        faiss = _faiss()
+        directory = Path(directory)
+        m = _read_manifest(directory)
+        files = m["files"]
+        try:
+            vectors = np.load(directory / files["vectors"], mmap_mode="r" if mmap else None)
+            index = faiss.read_index(str(directory / files["index"]))
+            with open(directory / files["items"], encoding="utf-8") as f:
+                items = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SearchIndexError(f"the index in {directory} is damaged ({type(e).__name__}: {e})") from None
+        if not (len(vectors) == index.ntotal == len(items) == int(m["count"])):
+            raise SearchIndexError(f"the index in {directory} is inconsistent: {len(vectors)} vectors, {index.ntotal} "
+                              f"indexed, {len(items)} items, manifest says {m['count']}")
+        ix = m["index"]
+        out = cls(dim=int(m["embedding_dim"]), model=m["model"], kind=ix["kind"], requested=ix["requested"],
+                  params=dict(ix["params"]), recall=ix.get("recall"), sources=m["sources"], items=items,
+                  skipped=int(m.get("skipped", 0)), created=m.get("created", ""), updated=m.get("updated", ""),
+                  vectors=vectors, faiss_index=index, path=directory,
+                  target_recall=float(ix.get("target_recall", DEFAULT_TARGET_RECALL)),
+                  build_seconds=float(ix.get("build_seconds", 0.0)))
+        return out
+
+
+_FILES = {"vectors": ("vectors", ".npy"), "index": ("index", ".faiss"), "items": ("items", ".jsonl")}
+
+
+def _is_ours(name: str) -> bool:
+    import re
+    return bool(re.fullmatch(r"(vectors-\d+\.npy|index-\d+\.faiss|items-\d+\.jsonl|\.index\.json\..*\.tmp)", name))
+
+
+def is_index_dir(directory) -> bool:
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        what = "does not exist" if not directory.exists() else f"holds no {MANIFEST_NAME}"
+        raise SearchIndexError(f"no index at {directory} ({what}); build one with `python -m app.index build`")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SearchIndexError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != INDEX_FORMAT:
+        raise SearchIndexError(f"{path} is not a byolkit index manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+    return m
+
+
+def _check_items(items, n: int, start: int = 0) -> list:
+    if items is None:
+        return [{"source": 0, "name": str(start + i), "label": None} for i in range(n)]
+    items = [dict(it) for it in items]
+    if len(items) != n:
+        raise SearchIndexError(f"{n} vectors but {len(items)} item descriptions")
+    for it in items:
+        it.setdefault("source", 0)
+        it.setdefault("label", None)
+        if "name" not in it:
+            raise SearchIndexError("every item needs a name")
+    return items
+
+
+def _describe(model: dict) -> str:
+    parts = [str(model[k]) for k in ("arch", "stem") if model.get(k)]
+    if model.get("embedding_dim"):
+        parts.append(f"{model['embedding_dim']}-d")
+    if model.get("source"):
+        parts.append(f"from {model['source']}")
+    return ", ".join(parts) or "unknown model"
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _version() -> str:
+    from trainer import __version__
+    return __version__
