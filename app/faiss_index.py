@@ -222,6 +222,7 @@ class SearchIndex:
     sources: list = field(default_factory=list)    # [{"kind": "folder"|"zip"|..., "path": ...}]
     items: list = field(default_factory=list)      # [{"source": i, "name": ..., "label": ...}]
     skipped: int = 0                               # unreadable images met while building and adding
+    unreadable: list = field(default_factory=list)  # [{"source", "name", "reason"}] of those still unreadable
     created: str = ""
     updated: str = ""
     vectors: np.ndarray | None = None
@@ -365,6 +366,14 @@ class SearchIndex:
             _add_in_chunks(self.faiss_index, merged, ids=np.arange(old, len(merged)))
         return len(x)
 
+    def record_unreadable(self, source: int, attempted, skipped) -> None:
+        """After trying the images named `attempted` of `source`: those in `skipped` [(name, reason)]
+        are (still) unreadable, the others no longer are. `skipped` counts the unreadable ones."""
+        attempted = set(attempted)
+        self.unreadable = [u for u in self.unreadable if not (u["source"] == source and u["name"] in attempted)]
+        self.unreadable += [{"source": source, "name": name, "reason": reason} for name, reason in skipped]
+        self.skipped = len(self.unreadable)
+
     def add_source(self, kind: str, path: str) -> int:
         """The index of an image source (folder, zip archive, upload...), registered once."""
         entry = {"kind": kind, "path": str(path)}
@@ -445,8 +454,19 @@ class SearchIndex:
 
     # -- images ------------------------------------------------------------------------------------
     def image_location(self, i: int) -> tuple[dict, str]:
+        """(source, name) of item `i`; a relative folder path is relative to the index directory."""
         item = self.items[i]
-        return self.sources[item["source"]] if self.sources else {"kind": "unknown", "path": ""}, item["name"]
+        source = dict(self.sources[item["source"]]) if self.sources else {"kind": "unknown", "path": ""}
+        if source["kind"] == "folder" and self.path is not None and not Path(source["path"]).is_absolute():
+            source["path"] = str(self.path / source["path"])
+        return source, item["name"]
+
+    def image_path(self, i: int) -> str:
+        """Where item `i` lives, for people: a file path, archive.zip:member, or dataset:split#n."""
+        source, name = self.image_location(i)
+        if source["kind"] == "folder":
+            return str(Path(source["path"]) / name)
+        return f"{source['path']}:{name}" if source["kind"] == "zip" else f"{source['path']}#{name}"
 
     def load_image(self, i: int):
         """The indexed image `i` as an RGB PIL image (raises ImageDecodeError when it is gone)."""
@@ -460,6 +480,14 @@ class SearchIndex:
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 raise ImageDecodeError(f"cannot read {name} from {source['path']}: {e}") from None
             return load_rgb(data)
+        if source["kind"] == "torchvision":
+            from trainer.data import DataError, open_collection
+            try:
+                collection = self._cache.get(("collection", source["path"])) or open_collection(source["path"])
+            except DataError as e:
+                raise ImageDecodeError(str(e)) from None
+            self._cache[("collection", source["path"])] = collection
+            return collection.load(int(name))
         return load_rgb(Path(source["path"]) / name)
 
     def describe_item(self, i: int) -> str:
@@ -501,7 +529,8 @@ class SearchIndex:
                               "recall": self.recall, "target_recall": self.target_recall,
                               "build_seconds": round(self.build_seconds, 3),
                               "tune_seconds": round(self.tune_seconds, 3)},
-                    "sources": self.sources, "skipped": self.skipped, "created": self.created,
+                    "sources": self.sources, "skipped": self.skipped, "unreadable": self.unreadable,
+                    "created": self.created,
                     "updated": self.updated, "byolkit_version": _version()}
         atomic_write(directory / MANIFEST_NAME,
                      lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8"))
@@ -531,7 +560,7 @@ class SearchIndex:
         ix = m["index"]
         out = cls(dim=int(m["embedding_dim"]), model=m["model"], kind=ix["kind"], requested=ix["requested"],
                   params=dict(ix["params"]), recall=ix.get("recall"), sources=m["sources"], items=items,
-                  skipped=int(m.get("skipped", 0)), created=m.get("created", ""), updated=m.get("updated", ""),
+                  skipped=int(m.get("skipped", 0)), unreadable=list(m.get("unreadable", [])), created=m.get("created", ""), updated=m.get("updated", ""),
                   vectors=vectors, faiss_index=index, path=directory,
                   target_recall=float(ix.get("target_recall", DEFAULT_TARGET_RECALL)),
                   build_seconds=float(ix.get("build_seconds", 0.0)), tune_seconds=float(ix.get("tune_seconds", 0.0)))
