@@ -325,7 +325,7 @@ def _main(argv=None) -> int:  # a tiny command line: python -m serving.client TA
             vectors = client.embed(args.images, normalize=not args.raw)
     except EmbeddingError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, ServerUnavailableError) else 2
     for name, v in zip(args.images, vectors):
         print(json.dumps({"image": name, "embedding": [round(float(x), 6) for x in v]}))
     return 0
