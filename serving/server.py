@@ -189,7 +189,7 @@ class EmbeddingServer:
         self.settings = settings or ServingSettings()
         s = self.settings
         for flag, value, low in (("max batch size", s.max_batch_size or 1, 1), ("instances", s.instances, 1),
-                                 ("max queue delay", s.max_queue_delay_us, 0), ("threads", s.threads, 0),
+                                 ("max queue delay", s.max_queue_delay_us or 0, 0), ("threads", s.threads, 0),
                                  ("max pixels", s.max_pixels, 1), ("max image bytes", s.max_image_bytes, 1),
                                  ("exit timeout", exit_timeout, 1)):
             if value < low:
@@ -486,9 +486,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=_positive, metavar="N",
                    help="largest batch, per request and per dynamic batch (default: the repository's, "
                         "64 for an ONNX file); bigger requests are refused")
-    p.add_argument("--max-queue-delay-us", type=_non_negative, default=2000, metavar="US",
+    p.add_argument("--max-queue-delay-us", type=_non_negative, default=None, metavar="US",
                    help="how long the dynamic batcher may hold a request to fill a batch, in microseconds "
-                        "(default 2000)")
+                        "(default: the repository's, 2000 for an ONNX file); a repository's preferred batch "
+                        "sizes and warm-up are kept too")
     p.add_argument("--no-dynamic-batching", action="store_true",
                    help="run each request on its own (for comparison; dynamic batching is on by default)")
     p.add_argument("--instances", type=_positive, default=1, metavar="N",
