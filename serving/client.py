@@ -13,8 +13,9 @@ them there by the preprocessing contract; PIL images and arrays are preprocessed
 exported repository works too). Arrays already at the model's input size are sent as they are.
 
 Requests hold at most `batch_size` images (and never more than the server's max batch size).
-Connection failures are retried `retries` times with exponential backoff; a request the server
-refuses raises EmbeddingError with the server's message, not retried.
+Connection failures are retried `retries` times with exponential backoff (`backoff` seconds
+doubling up to 5 s), then raise ServerUnavailableError; a request the server refuses raises
+EmbeddingError with the server's message, not retried. Not thread-safe: one client per thread.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from trainer.preprocess import ImageDecodeError, Preprocessing, load_rgb
 
 from .engine import ModelError, OnnxEncoder, l2_normalize
 from .repository import IMAGE_INPUT, image_model_name
+
+MAX_BACKOFF_S = 5.0
 
 
 class EmbeddingError(RuntimeError):
@@ -64,6 +67,7 @@ class _Remote:
     def __init__(self, url: str, timeout: float, retries: int, backoff: float):
         scheme, _, address = url.partition("://")
         self.url, self.scheme, self.timeout, self.retries, self.backoff = url, scheme, timeout, retries, backoff
+        self.retried = 0  # connection errors retried so far
         if not address:
             raise EmbeddingError(f"{url!r}: expected grpc://host:port or http://host:port")
         if scheme == "grpc":
@@ -89,8 +93,9 @@ class _Remote:
                 if attempt == self.retries:
                     raise ServerUnavailableError(f"cannot reach {self.url} ({what}) after {attempt + 1} attempts: "
                                                  f"{_server_message(e)}") from None
+                self.retried += 1
                 time.sleep(delay)
-                delay *= 2
+                delay = min(2 * delay, MAX_BACKOFF_S)
 
     def config(self, model: str) -> dict | None:
         if not self.call("server readiness", self.client.is_server_live):
@@ -163,8 +168,11 @@ class EmbeddingClient:
     def _connect(self, decode: str, preprocessing: Preprocessing | None):
         cfg = self.remote.config(self.model)
         if cfg is None:
-            raise EmbeddingError(f"{self.target} serves no model {self.model!r} "
-                                 f"(it serves: {', '.join(self.remote.models()) or 'nothing'})")
+            try:  # the repository index may be restricted (serving.server restricts it)
+                served = f" (it serves: {', '.join(self.remote.models()) or 'nothing'})"
+            except EmbeddingError:
+                served = ""
+            raise EmbeddingError(f"{self.target} serves no model {self.model!r}{served}")
         meta = cfg.get("parameters", {}).get(METADATA_KEY, {}).get("string_value")
         self.info = decode_metadata(meta) if meta else None
         self.preprocessing = preprocessing or (self.info["preprocessing"] if self.info else None)
@@ -317,7 +325,7 @@ def _main(argv=None) -> int:  # a tiny command line: python -m serving.client TA
             vectors = client.embed(args.images, normalize=not args.raw)
     except EmbeddingError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, ServerUnavailableError) else 2
     for name, v in zip(args.images, vectors):
         print(json.dumps({"image": name, "embedding": [round(float(x), 6) for x in v]}))
     return 0

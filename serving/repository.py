@@ -42,13 +42,14 @@ class ServedModel:
     max_batch_size: int
     info: dict = field(repr=False)  # byolkit metadata (export.contract)
     extra_parameters: dict = field(default_factory=dict, repr=False)  # copied from the exported config
+    source_config: object = field(default=None, repr=False)  # the exported ModelConfig, if any
 
 
 @dataclass
 class ServingSettings:
     max_batch_size: int | None = None   # None: the exported repository's (64 for a bare ONNX file)
     dynamic_batching: bool = True
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int | None = None  # None: the exported repository's (2000 for a bare ONNX file)
     instances: int = 1
     device: str = "auto"
     threads: int = 0
@@ -58,6 +59,7 @@ class ServingSettings:
 
 
 DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_QUEUE_DELAY_US = 2000
 
 
 def _check_encoder(path: Path) -> OnnxEncoder:
@@ -118,7 +120,8 @@ def model_from_repository(repo: Path, name: str | None = None) -> ServedModel:
     extra = {k: v.string_value for k, v in config.parameters.items()}
     return ServedModel(name=name, version=version, onnx_path=onnx_path.resolve(), input_name=inp.name,
                        input_type=dtype, input_dims=list(inp.dims), output_dims=list(out.dims),
-                       max_batch_size=config.max_batch_size, info=enc.info, extra_parameters=extra)
+                       max_batch_size=config.max_batch_size, info=enc.info, extra_parameters=extra,
+                       source_config=config)
 
 
 def load_model(source, name: str | None = None) -> ServedModel:
@@ -134,16 +137,29 @@ def load_model(source, name: str | None = None) -> ServedModel:
 def _config(model: ServedModel, settings: ServingSettings, kind: str):
     from tritonclient.grpc import model_config_pb2 as pb
 
+    max_batch = settings.max_batch_size or model.max_batch_size
+    src = model.source_config
     c = pb.ModelConfig(name=model.name if kind == "tensor" else image_model_name(model.name),
-                       platform="onnxruntime_onnx", backend="python",
-                       max_batch_size=settings.max_batch_size or model.max_batch_size)
+                       platform="onnxruntime_onnx", backend="python", max_batch_size=max_batch)
     if kind == "tensor":
         c.input.add(name=model.input_name, data_type=pb.DataType.Value(model.input_type), dims=model.input_dims)
     else:
         c.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING, dims=[1])
     c.output.add(name=OUTPUT, data_type=pb.TYPE_FP32, dims=model.output_dims)
-    if settings.dynamic_batching:
-        c.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    if settings.dynamic_batching:  # the exported repository's batching, within this server's settings
+        if src is not None and src.HasField("dynamic_batching"):
+            c.dynamic_batching.CopyFrom(src.dynamic_batching)
+            sizes = sorted({min(b, max_batch) for b in src.dynamic_batching.preferred_batch_size})
+            del c.dynamic_batching.preferred_batch_size[:]
+            c.dynamic_batching.preferred_batch_size.extend(sizes)
+        if settings.max_queue_delay_us is not None:
+            c.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+        elif src is None or not src.HasField("dynamic_batching"):
+            c.dynamic_batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
+    if kind == "tensor" and src is not None:  # its warm-up requests too (random pixels; not for bytes)
+        for w in src.model_warmup:
+            c.model_warmup.add().CopyFrom(w)
+            c.model_warmup[-1].batch_size = min(w.batch_size, max_batch)
     c.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     params = dict(model.extra_parameters)
     params.update(byolkit=encode_metadata(model.info), byolkit_kind=kind, device=settings.device,

@@ -15,9 +15,11 @@ to sys.path to import serving.engine and trainer.preprocess from the same code),
 backend stub for this Python version in the backend directory, and SIGINT/SIGTERM at their
 defaults in the child even when this process was started with them ignored.
 
-Shutdown: SIGINT or SIGTERM to this process asks tritonserver to finish in-flight requests and
-stop (a second signal kills it); then any shared-memory segment under this server's own prefix
-is removed and the workspace deleted. Workspaces and segments of servers whose process died
+Shutdown: SIGINT or SIGTERM to this process unloads the models (in-flight requests finish, the
+backend stubs exit and free their shared memory) and then stops tritonserver (a second signal
+kills it); any shared-memory segment still under this server's own prefix is removed and the
+workspace deleted. The models are loaded in explicit model-control mode so that this process can
+unload them; the model-repository API is restricted to a random per-server key. Workspaces and segments of servers whose process died
 without cleaning up (SIGKILL) are removed at the next start.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import errno
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,6 +58,12 @@ _counter = itertools.count()
 
 # What tritonserver logs on a machine without a GPU, as errors, while working fine.
 CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM unable to start")
+
+
+# The model-repository API (load, unload, index) needs this header with a per-server random key.
+CONTROL_HEADER = "byolkit-control"
+# After the models are unloaded, how long tritonserver may take to exit before it is killed.
+IDLE_CONNECTION_GRACE_S = 3
 
 
 class ServerError(RuntimeError):
@@ -180,7 +189,7 @@ class EmbeddingServer:
         self.settings = settings or ServingSettings()
         s = self.settings
         for flag, value, low in (("max batch size", s.max_batch_size or 1, 1), ("instances", s.instances, 1),
-                                 ("max queue delay", s.max_queue_delay_us, 0), ("threads", s.threads, 0),
+                                 ("max queue delay", s.max_queue_delay_us or 0, 0), ("threads", s.threads, 0),
                                  ("max pixels", s.max_pixels, 1), ("max image bytes", s.max_image_bytes, 1),
                                  ("exit timeout", exit_timeout, 1)):
             if value < low:
@@ -204,11 +213,15 @@ class EmbeddingServer:
         self.workspace: Path | None = None
         self.shm_prefix = f"byolkit_{os.getpid()}_{next(_counter)}_"
         self.leftover_segments: list[str] = []  # segments that a clean shutdown should have removed
+        self.killed_after_unload = False  # tritonserver still waited for idle HTTP connections
         self.returncode: int | None = None
+        self.process_returncode: int | None = None
         self._tail = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
         self._stop_requested = threading.Event()
         self._quiet_gpu = False
+        self._ready_once = False
+        self._control_key = secrets.token_hex(16)  # guards load/unload: only this process may call them
 
     # -- addresses ---------------------------------------------------------------------------
     def _url(self, scheme, port):
@@ -255,11 +268,14 @@ class EmbeddingServer:
                 "grpc-address": self.host, "grpc-port": self.grpc_port,
                 "metrics-address": self.host, "metrics-port": self.metrics_port,
                 "allow-gpu-metrics": str(gpu).lower(), "exit-timeout-secs": self.exit_timeout,
-                "log-info": str(self.verbose).lower()}
+                "log-info": str(self.verbose).lower(), "model-control-mode": "explicit",
+                "http-restricted-api": f"model-repository:{CONTROL_HEADER}={self._control_key}",
+                "grpc-restricted-protocol": f"model-repository:{CONTROL_HEADER}={self._control_key}"}
         if not gpu:
             args["pinned-memory-pool-byte-size"] = 0
         self._quiet_gpu = not gpu
         cmd = [str(paths["binary"])] + [f"--{k}" if v is None else f"--{k}={v}" for k, v in args.items()]
+        cmd += [f"--load-model={name}" for name in self.model_names]
         cmd += [f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 "--backend-config=python,shm-default-byte-size=4194304",
                 "--backend-config=python,shm-growth-byte-size=8388608"]
@@ -304,6 +320,7 @@ class EmbeddingServer:
                 raise ServerError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
                                   + self.log_tail())
             if self.ready() and all(self._get(f"/v2/models/{n}/ready") == 200 for n in self.model_names):
+                self._ready_once = True
                 return
             if time.monotonic() > deadline:
                 raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n" + self.log_tail())
@@ -330,21 +347,55 @@ class EmbeddingServer:
         if self.alive():
             self.process.kill()
 
+    def _control(self, path: str, timeout: float = 10):
+        """The model-repository API, restricted to this process by its key -> decoded JSON."""
+        req = urllib.request.Request(self.http_url + path, data=b"{}", method="POST",
+                                     headers={CONTROL_HEADER: self._control_key})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+
+    def _unload_models(self, timeout: float) -> bool:
+        """Unload every model: new requests are refused, in-flight ones finish, the backend stubs exit
+        and free their shared memory. -> whether all were unloaded within `timeout`."""
+        deadline = time.monotonic() + timeout
+        try:
+            for name in self.model_names:
+                self._control(f"/v2/repository/models/{name}/unload")
+            while time.monotonic() < deadline:
+                states = {m["name"]: m.get("state") for m in self._control("/v2/repository/index")}
+                if all(states.get(n) in (None, "UNAVAILABLE") for n in self.model_names):
+                    return True
+                time.sleep(0.1)
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        return False
+
     def stop(self) -> int | None:
-        """Ask tritonserver to stop (SIGINT), wait for it, clean up. Idempotent -> its exit status."""
+        """Stop serving and clean up; idempotent -> 0 for a clean stop, else tritonserver's exit status.
+
+        First the models are unloaded through the model-repository API (in-flight requests finish,
+        the stubs exit cleanly), then tritonserver gets SIGINT. Triton's own shutdown waits for
+        every open HTTP connection, idle keep-alive ones too, up to the exit timeout, and leaves the
+        models no time to unload when a client keeps one open; with the models already unloaded
+        there is nothing left to wait for, so after a short grace it is killed.
+        """
         self._stop_requested.set()
         if self.process is not None:
+            unloaded = False
             if self.process.poll() is None:
+                unloaded = self._ready_once and self._unload_models(self.exit_timeout)
                 self.process.send_signal(signal.SIGINT)
                 try:
-                    self.process.wait(self.exit_timeout + 15)
+                    self.process.wait(IDLE_CONNECTION_GRACE_S if unloaded else self.exit_timeout + 15)
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()
+                    self.killed_after_unload = unloaded
             if self._reader is not None:
                 self._reader.join(timeout=5)
             self.process.stdout.close()
-            self.returncode = self.process.returncode
+            code = self.process_returncode = self.process.returncode
+            self.returncode = 0 if unloaded and code in (0, -signal.SIGKILL) else code
             self.process = None
         # a clean shutdown leaves nothing here; whatever is left (a crash) is removed
         left = shm_segments(self.shm_prefix)
@@ -435,9 +486,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=_positive, metavar="N",
                    help="largest batch, per request and per dynamic batch (default: the repository's, "
                         "64 for an ONNX file); bigger requests are refused")
-    p.add_argument("--max-queue-delay-us", type=_non_negative, default=2000, metavar="US",
+    p.add_argument("--max-queue-delay-us", type=_non_negative, default=None, metavar="US",
                    help="how long the dynamic batcher may hold a request to fill a batch, in microseconds "
-                        "(default 2000)")
+                        "(default: the repository's, 2000 for an ONNX file); a repository's preferred batch "
+                        "sizes and warm-up are kept too")
     p.add_argument("--no-dynamic-batching", action="store_true",
                    help="run each request on its own (for comparison; dynamic batching is on by default)")
     p.add_argument("--instances", type=_positive, default=1, metavar="N",
@@ -509,7 +561,9 @@ def main(argv=None) -> int:
         return 1
     if server.leftover_segments:
         print(f"warning: removed shared memory left behind: {', '.join(server.leftover_segments)}", file=sys.stderr)
-    print(f"stopped (tritonserver exit status {code})", file=sys.stderr)
+    how = ("models unloaded; tritonserver, waiting for idle HTTP connections, stopped with SIGKILL"
+           if server.killed_after_unload else f"tritonserver exit status {server.process_returncode}")
+    print(f"stopped ({how})", file=sys.stderr)
     return 0 if code == 0 else 1
 
 

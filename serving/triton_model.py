@@ -52,6 +52,13 @@ class TritonPythonModel:
         onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.encoder = OnnxEncoder(onnx_path, device=params.get("device", "auto"),
                                    threads=int(params.get("threads", "0")))
+        # Triton counts a response carrying an error as a successful request (nv_inference_request_*):
+        # refused requests get a counter of their own on the same metrics endpoint
+        # (the family must outlive its metric: both are kept)
+        self.refused_family = pb_utils.MetricFamily(
+            name="byolkit_refused_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests answered with an error by the byolkit model (bad input or failed inference)")
+        self.refused = self.refused_family.Metric(labels={"model": config["name"], "version": args["model_version"]})
         pb_utils.Logger.log_info(f"byolkit {config['name']}: {self.encoder.path} on {self.encoder.providers[0]}")
 
     # -- one request -> model input, or BadRequest ---------------------------------------------
@@ -88,8 +95,11 @@ class TritonPythonModel:
         out = embeddings if raw else l2_normalize(embeddings)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
 
-    @staticmethod
-    def _error(message: str, code=None):
+    def _error(self, message: str, code=None):
+        try:  # counting must never turn one refusal into a failed batch
+            self.refused.increment(1)
+        except Exception:  # noqa: BLE001, S110
+            pass
         code = pb_utils.TritonError.INVALID_ARG if code is None else code
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
@@ -123,3 +133,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.encoder = None
+        self.refused = None  # the metric before its family
+        self.refused_family = None
