@@ -91,9 +91,15 @@ def serve(args) -> int:
             if not folder.is_dir():
                 raise AppError(f"--examples {folder} is not a folder")
             examples = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:12]
-        else:
+        else:  # a few images of the index, copied out of it (it may be a zip) into a temporary folder
+            import os
+            import tempfile
+
             from .quickstart import sample_examples
-            examples = sample_examples(index, Path(index.path) / "examples")
+            base = os.environ.get("GRADIO_TEMP_DIR") or None
+            if base:
+                Path(base).mkdir(parents=True, exist_ok=True)
+            examples = sample_examples(index, Path(tempfile.mkdtemp(prefix="byolkit-examples-", dir=base)))
     except USER_ERRORS + (AppError,) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

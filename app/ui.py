@@ -97,6 +97,10 @@ class AppState:
         except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
             return [], _status(_message(e), error=True)
 
+    def search_if_image(self, image, k=None):
+        """The search on a new query image; clearing the image clears the results quietly."""
+        return ([], "") if image is None else self.search(image, k)
+
     def _thumbnail(self, i: int):
         from PIL import Image
         try:
@@ -215,7 +219,8 @@ def build_app(state: AppState):
                     gallery = gr.Gallery(label="Nearest neighbours", columns=5, height="auto", object_fit="contain",
                                          elem_id="neighbours")
             search_button.click(state.search, [query_image, k], [gallery, search_status])
-            query_image.upload(state.search, [query_image, k], [gallery, search_status])
+            # a new query image (uploaded, pasted or an example picked) searches at once
+            query_image.change(state.search_if_image, [query_image, k], [gallery, search_status])
 
         with gr.Tab("Embed", id="embed"):
             with gr.Row():

@@ -65,7 +65,7 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(url)
 
-            # Search: uploading runs the search; k = 4 neighbour images appear, captioned
+            # Search: a new query image runs the search; k = 4 neighbour images appear, captioned
             page.set_input_files("#query-image input[type=file]", str(image_folder / "green" / "img_02.png"))
             thumbs = page.locator("#neighbours .thumbnail-item img")
             thumbs.nth(3).wait_for()
@@ -81,6 +81,12 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
             k_box.press("Enter")
             page.click("#search-button")
             page.wait_for_function("document.querySelectorAll('#neighbours .thumbnail-item img').length == 7")
+
+            # picking an example searches with it (the example is red/img_00.png)
+            page.locator("img[src*='img_00.png']").first.click()
+            page.wait_for_function("[...document.querySelectorAll('#neighbours .caption-label')]"
+                                   ".map(e => e.textContent.trim()).join() .startsWith('1.000 · red')")
+            assert all(c.endswith("red") for c in page.locator("#neighbours .caption-label").all_inner_texts()[:6])
 
             # Embed: two images in, a table, and the .npy download holds their embeddings
             page.get_by_role("tab", name="Embed").click()

@@ -137,4 +137,5 @@ def test_serve_an_index(tmp_path, image_folder):
             proc.kill()
         log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
-    assert (tmp_path / "ix" / "examples").is_dir()  # examples drawn from the index
+    assert not (tmp_path / "ix" / "examples").exists()  # the index directory is left alone
+    assert list((tmp_path / "gradio").glob("byolkit-examples-*/example_*.png"))  # examples drawn from the index
