@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from export.contract import DEFAULT_MODEL_NAME
@@ -59,6 +60,9 @@ def main(argv=None) -> int:
         parser.error("-k must be between 1 and 100")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[smhSMH]?\s*", args.train_time) or float(
+            re.sub(r"[^\d.]", "", args.train_time)) <= 0:
+        parser.error(f"--train-time: not a duration: {args.train_time!r} (use e.g. 90s, 2m, 1h)")
     if args.train_steps < 0:
         parser.error("--train-steps must be 0 or more")
     if args.model and args.server:

@@ -88,6 +88,7 @@ def test_shipped_image_set_is_small_and_licensed():
     (["--index", "{tmp}/ix", "--model", "{tmp}/m.onnx", "--images", "{tmp}"], "--images is for the main job"),
     (["--index", "{tmp}/nothing", "--model", "{model}"], "no index at"),
     (["-k", "0"], "-k must be between 1 and 100"),
+    (["--train-time", "soon"], "--train-time: not a duration"),
     (["--model", "a.onnx", "--server", "grpc://x:1"], "either --model or --server"),
 ])
 def test_bad_input(tmp_path, capsys, empty_folder, args, needle):
