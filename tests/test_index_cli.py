@@ -163,3 +163,29 @@ def test_help_and_real_process(tmp_path, models, image_folder):
                            str(tmp_path / "ix"), "--model", str(models[0])], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and f"indexed {N_LABELLED} images" in proc.stdout, proc.stderr
+
+
+def test_server_and_in_process_encoders_share_an_index(tmp_path, capsys, models, image_folder):
+    """Built through the real server over gRPC, extended over HTTP, searched in process: one model,
+    one fingerprint, the same neighbours."""
+    from serving_util import ServerProcess
+    model, _ = models
+    server = ServerProcess(model, tmp_path).start()
+    try:
+        out = tmp_path / "ix"
+        code, stdout, err = run(capsys, "build", "--images", image_folder / "red", "--out", out,
+                                "--server", server.grpc_url, "--no-progress")
+        assert code == 0, err + server.stderr()[-2000:]
+        code, stdout, err = run(capsys, "add", "--index", out, "--images", image_folder / "blue",
+                                "--server", server.http_url, "--no-progress")
+        assert code == 0 and "added 6 images" in stdout, err
+        query = image_folder / "blue" / "img_04.png"
+        remote = run(capsys, "search", "--index", out, "--image", query, "-k", "5", "--server", server.grpc_url,
+                     "--json")
+        local = run(capsys, "search", "--index", out, "--image", query, "-k", "5", "--model", model, "--json")
+        assert remote[0] == local[0] == 0, remote[2] + local[2]
+        r, lo = json.loads(remote[1]), json.loads(local[1])
+        assert [h["path"] for h in r] == [h["path"] for h in lo] and r[0]["path"].endswith("img_04.png")
+        assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(r, lo))
+    finally:
+        assert server.stop() == 0
