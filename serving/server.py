@@ -455,10 +455,16 @@ NAME is byol_encoder unless --model-name says otherwise.
 
 Endpoints (Triton / KServe v2): HTTP /v2/health/ready, /v2/models/NAME (metadata),
 /v2/models/NAME/config, /v2/models/NAME/infer; gRPC GRPCInferenceService; Prometheus metrics
-on --metrics-port at /metrics. Once ready, one JSON line with the URLs goes to stdout.
+on --metrics-port at /metrics (Triton's, plus byolkit_refused_requests_total: Triton counts a
+refused request as a success). The model-repository API (load, unload, index) is reserved to
+this process. Once ready, one JSON line with the URLs goes to stdout.
+
+A repository's instance groups and TensorRT settings are Triton's onnxruntime backend's; here
+--instances and --device decide (the nvidia-pytriton wheel has no onnxruntime backend: the
+models run on its python backend, which runs ONNX Runtime).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server after its in-flight requests (a second one, a second
-or more later, kills it).
+or more later, kills it). Exit status: 0 stopped cleanly, 1 the server failed, 2 bad input.
 
 Examples:
   python -m serving.server --model runs/c10/model.onnx
