@@ -429,6 +429,9 @@ def export_onnx(source, out_path, *, input_kind: str = "uint8", fp16: bool = Fal
                 "opset": opset, "step": int(info.get("step", 0))}
     if "encoder_fingerprint" in info:
         metadata["encoder_fingerprint"] = info["encoder_fingerprint"]
+    # the lowest IR version that carries this opset (8 for opset 18), not the exporter's newest (10):
+    # older runtimes (ONNX Runtime < 1.18, TensorRT 8.6) refuse files with a newer IR version
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {METADATA_KEY: encode_metadata(metadata)})
     model.producer_name, model.producer_version = "byolkit", __version__
@@ -450,7 +453,14 @@ def export_onnx(source, out_path, *, input_kind: str = "uint8", fp16: bool = Fal
                                   else {"passed": None, "skipped": True})
 
     t_verify = time.perf_counter()
-    atomic_write(out, write)
+    missing_parents = [p for p in reversed(out.parents) if not p.exists()]
+    try:
+        atomic_write(out, write)
+    except BaseException:
+        for parent in reversed(missing_parents):  # the folders this export created, deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     t_verify = time.perf_counter() - t_verify
     report.update({
         "onnx": str(out), "source": str(source), "size_bytes": out.stat().st_size,

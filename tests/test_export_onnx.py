@@ -140,6 +140,7 @@ def test_graph_interface_is_the_contract(exports):
                                                                       ["batch", 32, 32, 3])
     assert (out.name, out.type.tensor_type.elem_type, dims(out)) == (OUTPUT, onnx.TensorProto.FLOAT, ["batch", 512])
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [xo.DEFAULT_OPSET]
+    assert model.ir_version == 8  # what opset 18 needs: ONNX Runtime >= 1.14 and TensorRT 8.6 read it
     ops = [n.op_type for n in model.graph.node]
     assert ops[:5] == ["Transpose", "Cast", "Div", "Sub", "Div"]  # layout change, scaling, normalisation
     assert "BatchNormalization" not in ops  # folded
@@ -354,7 +355,7 @@ def test_a_wrong_graph_fails_verification_exit_1_nothing_left(tmp_path, monkeypa
     def no_std(x, mean, std):
         return x - mean
     monkeypatch.setattr(xo, "normalize_unit_tensor", no_std)  # in the graph only; the reference uses numpy
-    out = tmp_path / "model.onnx"
+    out = tmp_path / "new" / "folder" / "model.onnx"
     assert xo.main(["--checkpoint", "random:resnet18:small:16", "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: verification failed, nothing written") and "does not match PyTorch" in err
