@@ -484,8 +484,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Export a byolkit encoder to ONNX (dynamic batch, preprocessing inside the graph, "
                     "metadata), verified against PyTorch with ONNX Runtime.",
         epilog="Sources: a run directory (encoder.safetensors, else checkpoint.pt), a checkpoint.pt, an\n"
-               "encoder.safetensors, or random:ARCH[:STEM[:INPUT_SIZE]] for a seeded random encoder\n"
-               f"(architectures: {', '.join(ARCHITECTURES)}; stems: {', '.join(STEMS)}).\n\n"
+               "encoder.safetensors, or random:ARCH[:STEM[:INPUT_SIZE]] for a seeded random encoder (for tests;\n"
+               "its BatchNorm scales are calibrated on generated images so that its features have a trained\n"
+               f"encoder's scale; architectures: {', '.join(ARCHITECTURES)}; stems: {', '.join(STEMS)}).\n\n"
                "Input uint8 (default): tensor 'images' uint8 [N, H, W, 3], RGB as decoded, resized and\n"
                "centre-cropped by trainer.preprocess (Preprocessing.__call__); normalised in the graph.\n"
                "Input float: tensor 'pixel_values' float32 [N, 3, H, W], normalised by the client.\n"
