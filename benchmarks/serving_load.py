@@ -16,8 +16,10 @@ targets localhost only, and stops at the deadline whatever the server does (a re
 of 30 s bounds every call).
 
 Reported per run: requests/s, images/s, latency p50/p95/p99 in ms, errors (must be 0) with
-the first messages. With --serve, after the protocol/concurrency matrix the server is started
-again with --no-dynamic-batching and the batching comparison is run at --compare-concurrency.
+the first messages, the load average. With --serve, a second server with --no-dynamic-batching
+runs next to the first one, and after the protocol/concurrency matrix the two are compared at
+--compare-concurrency in alternating rounds (on, off, on, off, ...; --duration in all for each),
+so that other work on a shared machine weighs on both alike.
 """
 from __future__ import annotations
 
@@ -117,12 +119,23 @@ async def _load(url: str, model: str, kind: str, input_name: str, size: int, ima
     finally:
         with contextlib.suppress(Exception):
             await client.close()
-    lat = np.asarray(latencies) * 1000
     return {"protocol": scheme, "model": name, "input": kind, "concurrency": concurrency, "duration_s": duration,
-            "images_per_request": images, "requests": len(latencies), "errors": errors,
-            "error_messages": messages, "requests_per_s": round(len(latencies) / duration, 2),
-            "images_per_s": round(len(latencies) * images / duration, 2),
-            **{f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if len(lat) else None for q in (50, 95, 99)}}
+            "images_per_request": images, "latencies": latencies, "errors": errors, "error_messages": messages}
+
+
+def summarise(parts: list[dict]) -> dict:
+    """One or more runs of the same setting (rounds) -> one result row."""
+    latencies = [t for p in parts for t in p["latencies"]]
+    duration = sum(p["duration_s"] for p in parts)
+    lat = np.asarray(latencies) * 1000
+    row = {k: v for k, v in parts[0].items() if k != "latencies"}
+    row.update(duration_s=duration, rounds=len(parts), requests=len(latencies), errors=sum(p["errors"] for p in parts),
+               error_messages=[m for p in parts for m in p["error_messages"]][:3],
+               requests_per_s=round(len(latencies) / duration, 2),
+               images_per_s=round(len(latencies) * row["images_per_request"] / duration, 2),
+               **{f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if len(lat) else None for q in (50, 95, 99)},
+               load_average=[round(v, 2) for v in os.getloadavg()])
+    return row
 
 
 def load(url, **kw) -> dict:
@@ -147,11 +160,11 @@ def model_facts(url: str, model: str) -> tuple[str, int]:
 
 def table(rows: list[dict]) -> str:
     head = "| protocol | model input | dynamic batching | concurrency | requests/s | images/s | p50 ms | p95 ms | " \
-           "p99 ms | errors |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+           "p99 ms | errors | load avg |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     return head + "\n".join(
         f"| {r['protocol']} | {r['input']} | {'on' if r.get('dynamic_batching', True) else 'off'} | "
         f"{r['concurrency']} | {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
-        f"{r['p99_ms']} | {r['errors']} |" for r in rows)
+        f"{r['p99_ms']} | {r['errors']} | {r['load_average'][0]} |" for r in rows)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -173,6 +186,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--compare-concurrency", type=int, default=32,
                    help="with --serve: concurrency of the dynamic batching on/off comparison (0: skip)")
+    p.add_argument("--compare-rounds", type=int, default=3,
+                   help="the comparison alternates on and off in this many rounds of duration/rounds each "
+                        "(default 3)")
     p.add_argument("--server-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="with --serve: extra serving.server settings, e.g. --server-arg max_queue_delay_us=5000")
     p.add_argument("--json", metavar="PATH", help="write every result and the settings to this JSON file")
@@ -195,7 +211,8 @@ def _serve(model: str, dynamic_batching: bool, server_args: list[str]):
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    if any(c < 1 for c in args.concurrency) or args.duration <= 0 or args.warmup < 0 or args.images_per_request < 1:
+    if any(c < 1 for c in args.concurrency) or args.duration <= 0 or args.warmup < 0 or args.images_per_request < 1 \
+            or args.compare_rounds < 1:
         print("error: concurrency and images per request must be at least 1, duration positive", file=sys.stderr)
         return 2
     try:
@@ -206,30 +223,45 @@ def main(argv=None) -> int:
         return 2
     rows = []
 
-    def run_matrix(urls: list[str], concurrencies: list[int], batching: bool):
-        for url in urls:
-            input_name, size = model_facts(url, args.model)
-            for c in concurrencies:
-                r = load(url, model=args.model, kind=args.input, input_name=input_name, size=size,
-                         images=args.images_per_request, concurrency=c, duration=args.duration, warmup=args.warmup)
-                r["dynamic_batching"] = batching
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+    def run(url: str, concurrency: int, duration: float) -> dict:
+        input_name, size = model_facts(url, args.model)
+        return load(url, model=args.model, kind=args.input, input_name=input_name, size=size,
+                    images=args.images_per_request, concurrency=concurrency, duration=duration, warmup=args.warmup)
+
+    def record(row: dict, batching: bool):
+        row["dynamic_batching"] = batching
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     if args.url:
-        run_matrix(args.url, args.concurrency, True)
+        for url in args.url:
+            for c in args.concurrency:
+                record(summarise([run(url, c, args.duration)]), True)
     else:
-        for batching in (True, False):
-            if not batching and not args.compare_concurrency:
-                break
-            with _serve(args.serve, batching, args.server_arg) as server:
-                urls = [server.grpc_url if p == "grpc" else server.http_url for p in args.protocols]
-                run_matrix(urls, args.concurrency if batching else [args.compare_concurrency], batching)
+        with contextlib.ExitStack() as stack:
+            on = stack.enter_context(_serve(args.serve, True, args.server_arg))
+            off = stack.enter_context(_serve(args.serve, False, args.server_arg)) if args.compare_concurrency else None
+            url = {s: {"grpc": s.grpc_url, "http": s.http_url} for s in (on, off) if s is not None}
+            for proto in args.protocols:
+                for c in args.concurrency:
+                    record(summarise([run(url[on][proto], c, args.duration)]), True)
+            if off is not None:
+                # on and off in alternating rounds, both servers resident: a background load on this
+                # shared machine hits both alike
+                c, rounds = args.compare_concurrency, args.compare_rounds
+                for proto in args.protocols:
+                    parts = {True: [], False: []}
+                    for _ in range(rounds):
+                        for batching, server in ((True, on), (False, off)):
+                            parts[batching].append(run(url[server][proto], c, args.duration / rounds))
+                    for batching in (True, False):
+                        row = summarise(parts[batching])
+                        row["comparison"] = True
+                        record(row, batching)
     print(table(rows))
     if not args.url and args.compare_concurrency:
         for proto in args.protocols:
-            on = [r for r in rows if r["protocol"] == proto and r["concurrency"] == args.compare_concurrency]
-            pair = {r["dynamic_batching"]: r for r in on}
+            pair = {r["dynamic_batching"]: r for r in rows if r["protocol"] == proto and r.get("comparison")}
             if True in pair and False in pair and pair[False]["images_per_s"]:
                 ratio = pair[True]["images_per_s"] / pair[False]["images_per_s"]
                 print(f"{proto}: dynamic batching on/off at concurrency {args.compare_concurrency}: {ratio:.2f}x")

@@ -455,10 +455,16 @@ NAME is byol_encoder unless --model-name says otherwise.
 
 Endpoints (Triton / KServe v2): HTTP /v2/health/ready, /v2/models/NAME (metadata),
 /v2/models/NAME/config, /v2/models/NAME/infer; gRPC GRPCInferenceService; Prometheus metrics
-on --metrics-port at /metrics. Once ready, one JSON line with the URLs goes to stdout.
+on --metrics-port at /metrics (Triton's, plus byolkit_refused_requests_total: Triton counts a
+refused request as a success). The model-repository API (load, unload, index) is reserved to
+this process. Once ready, one JSON line with the URLs goes to stdout.
+
+A repository's instance groups and TensorRT settings are Triton's onnxruntime backend's; here
+--instances and --device decide (the nvidia-pytriton wheel has no onnxruntime backend: the
+models run on its python backend, which runs ONNX Runtime).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server after its in-flight requests (a second one, a second
-or more later, kills it).
+or more later, kills it). Exit status: 0 stopped cleanly, 1 the server failed, 2 bad input.
 
 Examples:
   python -m serving.server --model runs/c10/model.onnx
@@ -512,23 +518,32 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     stop = threading.Event()
-    server = None
-
-    first = []
+    holder: list[EmbeddingServer] = []
+    first: list[float] = []
 
     def on_signal(signum, frame):
         # a second signal kills; one within a second of the first is the same request delivered twice
         # (e.g. to this process and to its process group)
-        if first and time.monotonic() - first[0] > 1 and server is not None:
-            server.kill()
+        if first and time.monotonic() - first[0] > 1 and holder:
+            holder[0].kill()
         first.append(time.monotonic())
         stop.set()
-        if server is not None:
-            server.request_stop()
+        if holder:
+            holder[0].request_stop()
 
-    # installed before anything starts, and whatever the parent left (SIG_IGN from `cmd &` in a script)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # installed before anything starts, whatever the parent left (SIG_IGN from `cmd &` in a script),
+    # and restored on the way out (main may run inside another program, e.g. a test session)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(args, stop, holder)
+    finally:
+        if holder:
+            holder[0].stop()  # idempotent: whatever happened, nothing is left running
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(args, stop: threading.Event, holder: list) -> int:
     settings = ServingSettings(max_batch_size=args.max_batch_size, dynamic_batching=not args.no_dynamic_batching,
                                max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                                device=args.device, threads=args.threads, max_pixels=args.max_pixels,
@@ -537,6 +552,7 @@ def main(argv=None) -> int:
         server = EmbeddingServer(args.model, model_name=args.model_name, host=args.host, http_port=args.http_port,
                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port, settings=settings,
                                  exit_timeout=args.exit_timeout, verbose=args.verbose)
+        holder.append(server)
         if stop.is_set():
             return 0
         server.start()

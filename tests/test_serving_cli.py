@@ -77,6 +77,7 @@ def _bad_cases(tmp: Path, model: Path) -> dict:
 
 
 def test_bad_command_lines_give_one_error_line_and_status_2(onnx_model, tmp_path, capsys):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     for name, (argv, message) in _bad_cases(tmp_path, onnx_model).items():
         try:
             code = srv.main([str(a) for a in argv])
@@ -87,6 +88,7 @@ def test_bad_command_lines_give_one_error_line_and_status_2(onnx_model, tmp_path
         lines = [line for line in err.splitlines() if line.startswith("error:") or "error: " in line]
         assert len(lines) == 1 and message in lines[0], (name, err)
         assert "Traceback" not in err, name
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
 
 
 def test_a_port_in_use_is_an_error_before_starting(onnx_model):
