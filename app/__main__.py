@@ -67,6 +67,14 @@ def main(argv=None) -> int:
         parser.error("--train-steps must be 0 or more")
     if args.model and args.server:
         parser.error("give the encoder as either --model or --server, not both")
+    from . import missing
+    needed = ["faiss", "onnxruntime" if args.model or not args.server else "tritonclient"]
+    needed += [] if args.no_app else ["gradio"]
+    needed += ["onnx", "onnxscript"] if args.index is None and not (args.model or args.server) else []
+    problem = missing(*needed)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.index is None:
         from .quickstart import run
         return run(args)

@@ -102,6 +102,11 @@ def main(argv=None) -> int:
         parser.error("--target-recall must be in (0, 1]")
     if args.command != "info" and bool(args.model) == bool(args.server):
         parser.error("give the encoder as either --model MODEL.onnx or --server URL")
+    from . import missing
+    problem = missing("faiss", *([] if args.command == "info" else ["onnxruntime"] if args.model else ["tritonclient"]))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     from . import ops
     from .embedding import open_encoder

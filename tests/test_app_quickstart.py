@@ -140,3 +140,14 @@ def test_serve_an_index(tmp_path, image_folder):
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
     assert not (tmp_path / "ix" / "examples").exists()  # the index directory is left alone
     assert list((tmp_path / "gradio").glob("byolkit-examples-*/example_*.png"))  # examples drawn from the index
+
+
+def test_missing_extra_is_one_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from app.__main__ import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: missing the page (gradio): install the app extra, pip install -e '.[app]'"
