@@ -108,7 +108,7 @@ def test_check_same_model_names_the_difference(tmp_path):
     a, b = preset("cpu-quick").to_dict(), preset("cpu-quick").to_dict()
     check_same_model(a, b, tmp_path)
     b["model"]["arch"] = "resnet34"
-    with pytest.raises(CheckpointError, match="model.arch='resnet18'.*'resnet34'"):
+    with pytest.raises(CheckpointError, match="model.arch='resnet18_w16'.*'resnet34'"):
         check_same_model(a, b, tmp_path)
 
 
@@ -177,8 +177,8 @@ def test_load_encoder_from_run_dir_with_only_a_checkpoint(tmp_path):
     opt = torch.optim.SGD(byol.online_parameters(), lr=0.1)
     save_checkpoint(tmp_path, model=byol, optimizer=opt, step=9, config=cfg.to_dict())
     loaded, info = load_encoder(tmp_path)
-    assert info["arch"] == "resnet18" and info["stem"] == "small" and info["step"] == 9
-    assert info["embedding_dim"] == 512
+    assert info["arch"] == "resnet18_w16" and info["stem"] == "small" and info["step"] == 9
+    assert info["embedding_dim"] == 128
     assert info["preprocessing"] == cfg.data.preprocessing()
     assert info["fingerprint"] == weights_fingerprint(byol.encoder.state_dict())
     assert info["fingerprint"] != weights_fingerprint(byol.target_encoder.state_dict())

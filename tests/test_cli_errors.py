@@ -162,8 +162,12 @@ def test_tiny_real_run_succeeds_with_weights_only_checkpoint(cli):
     for name in ("checkpoint.pt", "encoder.safetensors", "config.json", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["config"]["model"]["arch"] == "resnet18"
-    assert all(isinstance(g["lr"], float) for g in ckpt["optimizer"]["param_groups"])
+    assert ckpt["step"] == 2 and ckpt["config"]["model"]["arch"] == "resnet18_w16"
+    groups = ckpt["optimizer"]["param_groups"]
+    assert all(isinstance(g["lr"], float) for g in groups)
+    # encoder + projector (weights, then biases/BN), then the predictor at the preset's 10x LR
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0, 10.0, 10.0]
+    assert groups[0]["lr"] > 0 and groups[2]["lr"] == pytest.approx(10 * groups[0]["lr"])
 
 
 def _needs_real_run(cli):
@@ -180,5 +184,5 @@ def test_out_already_holds_a_run(cli):
 
 def test_resume_with_another_architecture(cli):
     results, paths = _needs_real_run(cli)
-    assert_usage_error(results["resume-other-arch"], "cannot resume", "model.arch='resnet18'", "'resnet34'")
+    assert_usage_error(results["resume-other-arch"], "cannot resume", "model.arch='resnet18_w16'", "'resnet34'")
     assert (paths["run"] / "checkpoint.pt").stat().st_mtime_ns == paths["checkpoint_mtime_before"]

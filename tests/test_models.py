@@ -231,3 +231,20 @@ def test_unknown_architecture_and_stem_raise_naming_the_choices():
     with pytest.raises(ValueError) as e:
         build_encoder("resnet18", "tiny")
     assert "tiny" in str(e.value) and all(s in str(e.value) for s in STEMS)
+
+
+@pytest.mark.parametrize("arch,width", [("resnet18_w32", 32), ("resnet18_w16", 16)])
+def test_narrow_resnet18_scales_every_stage(arch, width):
+    enc, dim = build_encoder(arch, "small")
+    full, _ = build_encoder("resnet18", "small")
+    assert dim == 8 * width
+    # the same modules under the same names, so checkpoints and exports treat it as a ResNet-18
+    assert enc.state_dict().keys() == full.state_dict().keys()
+    assert [enc.get_submodule(f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3, 4)] == \
+        [width, 2 * width, 4 * width, 8 * width]
+    assert enc(torch.randn(2, 3, 24, 24)).shape == (2, dim)
+    n_narrow = sum(p.numel() for p in enc.parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    assert n_narrow < n_full * (width / 64) ** 2 * 1.1  # parameters shrink with the width squared
+    conv = enc.layer3[1].conv2.weight
+    assert 0.5 < conv.std().item() / (2 / (conv.shape[0] * 9)) ** 0.5 < 1.5  # torchvision's kaiming init

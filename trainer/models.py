@@ -12,8 +12,32 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+# Narrow ResNet-18s: the same network with every stage's width scaled (base width 32 or 16
+# instead of 64; about 1/4 or 1/16 of the multiply-adds). For CPU budgets, where more epochs of
+# a thinner network learn more than a fraction of an epoch of the full one (BENCHMARKS.md).
+NARROW_RESNET18 = {"resnet18_w32": 32, "resnet18_w16": 16}
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                 *NARROW_RESNET18)
 STEMS = ("imagenet", "small")
+
+
+def _narrow_resnet18(width: int) -> torchvision.models.ResNet:
+    """torchvision's ResNet-18 with stage widths (w, 2w, 4w, 8w): same modules, same state-dict keys."""
+    net = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(torchvision.models.resnet.BasicBlock, width, 2)
+    for i, mult in ((2, 2), (3, 4), (4, 8)):
+        setattr(net, f"layer{i}", net._make_layer(torchvision.models.resnet.BasicBlock, width * mult, 2, stride=2))
+    net.fc = nn.Linear(8 * width, 1000)
+    for m in net.modules():  # torchvision's initialisation, for the replaced modules
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
 
 
 def build_encoder(arch: str, stem: str = "imagenet") -> tuple[nn.Module, int]:
@@ -26,7 +50,10 @@ def build_encoder(arch: str, stem: str = "imagenet") -> tuple[nn.Module, int]:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    net = getattr(torchvision.models, arch)(weights=None)
+    if arch in NARROW_RESNET18:
+        net = _narrow_resnet18(NARROW_RESNET18[arch])
+    else:
+        net = getattr(torchvision.models, arch)(weights=None)
     if stem == "small":
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()

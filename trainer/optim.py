@@ -17,7 +17,7 @@ class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 1e-3):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars_exclude=False)
+                        trust_coefficient=trust_coefficient, lars_exclude=False, lr_scale=1.0)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -48,18 +48,19 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+def parameter_groups(modules: list[nn.Module], weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
     """Two groups: weights (decayed, adapted) and biases + normalisation parameters (neither).
 
     One-dimensional parameters are exactly the biases and the BatchNorm scales and shifts.
+    `lr_scale` multiplies the scheduled LR for these groups (the training loop applies it).
     """
     regular, excluded = [], []
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:
                 (excluded if p.ndim <= 1 else regular).append(p)
-    return [dict(params=regular, weight_decay=weight_decay, lars_exclude=False),
-            dict(params=excluded, weight_decay=0.0, lars_exclude=True)]
+    return [dict(params=regular, weight_decay=weight_decay, lars_exclude=False, lr_scale=lr_scale),
+            dict(params=excluded, weight_decay=0.0, lars_exclude=True, lr_scale=lr_scale)]
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, weight_decay: float,
@@ -67,7 +68,7 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, w
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     trust_coefficient=trust_coefficient)
-    plain = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    plain = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]  # lr_scale rides along
     if name == "sgd":
         return torch.optim.SGD(plain, lr=lr, momentum=momentum, foreach=True)
     if name == "adamw":

@@ -206,7 +206,8 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     forward = torch.compile(model) if cfg.run.compile else model
 
     # ---- 4. optimiser and schedules (precomputed per step) ------------------------------------
-    groups = parameter_groups([byol.encoder, byol.projector, byol.predictor], cfg.optim.weight_decay)
+    groups = (parameter_groups([byol.encoder, byol.projector], cfg.optim.weight_decay)
+              + parameter_groups([byol.predictor], cfg.optim.weight_decay, cfg.optim.predictor_lr_scale))
     lr_peak = cfg.optim.base_lr * cfg.optim.batch_size / 256
     optimizer = build_optimizer(cfg.optim.name, groups, lr_peak, cfg.optim.momentum, cfg.optim.weight_decay,
                                 cfg.optim.trust_coefficient)
@@ -278,7 +279,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
             raw = raw.to(device, non_blocking=True)
         window["data"] += time.perf_counter() - t_data
         for g in optimizer.param_groups:
-            g["lr"] = float(lr_at[step])  # a Python float: numpy scalars break weights_only loading
+            g["lr"] = float(lr_at[step]) * g["lr_scale"]  # Python floats: numpy scalars break weights_only loading
 
         # -- forward and backward, optionally over several micro-batches
         for k, chunk in enumerate(raw.chunk(micro)):
