@@ -7,7 +7,7 @@
 
 The encoder is an exported ONNX file run in process (--model) or a byolkit server
 (--server grpc://host:8001 or http://host:8000). Similarity is cosine. Collections up to 50,000
-images get exact search; larger ones an approximate index (HNSW, or IVF-PQ beyond 2M), tuned to
+images get exact search; larger ones an approximate index (HNSW, or IVF-PQ beyond 500,000), tuned to
 recall@10 >= --target-recall against exact search; --index-type picks one by name.
 An index refuses embeddings of any other model than the one it was built with.
 """
