@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -261,10 +262,20 @@ def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bo
     print(f"byolkit app: {url}  (index {state.index.path}, {len(state.index)} images; Ctrl-C stops it)", flush=True)
     if not block:
         return demo, url
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (a service manager, kill) and SIGINT stop it the same way; SIGINT is set explicitly
+    # because a shell's background job (`python -m app &`) inherits it ignored
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         demo.block_thread()
     except KeyboardInterrupt:
         pass
     finally:
         demo.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("byolkit app: stopped", flush=True)
     return demo, url

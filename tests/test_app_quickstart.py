@@ -106,8 +106,10 @@ def test_bad_input(tmp_path, capsys, empty_folder, args, needle):
     assert "Traceback" not in err
 
 
-def test_serve_an_index(tmp_path, image_folder):
-    """python -m app --index ... --model ... serves the page until SIGINT."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_an_index(tmp_path, image_folder, sig):
+    """python -m app --index ... --model ... serves the page until SIGINT or SIGTERM, even when started
+    as a shell's background job (SIGINT inherited as ignored)."""
     model = make_colour_model(tmp_path / "colour.onnx")
     from app.index import main as index_main
     assert index_main(["build", "--images", str(image_folder), "--out", str(tmp_path / "ix"), "--model", str(model),
@@ -118,7 +120,8 @@ def test_serve_an_index(tmp_path, image_folder):
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the child writes to it until it stops
     proc = subprocess.Popen([sys.executable, "-m", "app", "--index", str(tmp_path / "ix"), "--model", str(model),
                              "--port", str(port)], cwd=REPO_ROOT, env=env(tmp_path), stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
     try:
         page = None
         deadline = time.monotonic() + 120
@@ -131,13 +134,14 @@ def test_serve_an_index(tmp_path, image_folder):
                 time.sleep(0.5)
         assert page is not None and "byolkit" in page, (tmp_path / "serve.log").read_text()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
+    assert "byolkit app: stopped" in (tmp_path / "serve.log").read_text()
     assert not (tmp_path / "ix" / "examples").exists()  # the index directory is left alone
     assert list((tmp_path / "gradio").glob("byolkit-examples-*/example_*.png"))  # examples drawn from the index
 
