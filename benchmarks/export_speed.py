@@ -1,0 +1,229 @@
+"""Inference speed of the exported encoder: ONNX Runtime against PyTorch eager, on this machine's CPU.
+
+    python benchmarks/export_speed.py --json benchmarks/results/export_speed.json
+    python benchmarks/export_speed.py --tiny            # seconds: the test suite's smoke run
+
+For ResNet-18 and ResNet-50 at 224 px (random weights: speed does not depend on their values), in
+one process, in alternating rounds (a background load hits every contender alike):
+
+  pytorch            eager float32, NCHW, torch.inference_mode, on the normalised float batch
+  pytorch_cl         the same in channels-last memory format (oneDNN's preferred layout on CPUs)
+  ort                ONNX Runtime (CPU provider, all graph optimisations) on the float-input export
+  ort_uint8          ONNX Runtime on the default uint8 export (scaling, normalisation, layout in the graph)
+  ort_simplified     the float export with ONNX Runtime's basic optimisations saved into the file
+  ort_torchscript    the float export made by torch's legacy TorchScript exporter
+
+at batch 1, 8 and 32, reporting the median images/s over the rounds and the ratios against
+`pytorch`. Each export's file size and verification error (export.onnx's own check against PyTorch)
+are reported for float32 and float16 weights. Where CUDA is available (onnxruntime-gpu), ONNX Runtime's
+CUDA and TensorRT execution providers are timed on the float32 and float16 exports too.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import export.onnx as xo
+from export.contract import INPUT_FLOAT, INPUT_UINT8, OUTPUT
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime as ort
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": torch.get_num_threads(),
+            "providers": ort.get_available_providers()}
+
+
+def ort_session(path: Path, threads: int, provider: str = "CPUExecutionProvider", cache_dir: str | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if provider == "TensorrtExecutionProvider":
+        opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir or "."}
+        return ort.InferenceSession(str(path), so, providers=[(provider, opts), "CUDAExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=[provider])
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_torch(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def timed(fn, iters: int) -> float:
+    """Seconds per call, over `iters` calls after one untimed call."""
+    fn()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters
+
+
+VARIANTS = {  # export name -> export_onnx options
+    "float32": {}, "float16": {"fp16": True}, "float": {"input_kind": "float"},
+    "float_simplified": {"input_kind": "float", "simplify": True},
+    "float_torchscript": {"input_kind": "float", "exporter": "torchscript"},
+}
+SESSIONS = {"ort": "float", "ort_uint8": "float32", "ort_simplified": "float_simplified",
+            "ort_torchscript": "float_torchscript"}  # contender -> export
+
+
+def bench_arch(arch: str, stem: str, size: int, batches: list[int], rounds: int, iters: int, min_images: int,
+               threads: int, workdir: Path, variants: list[str]) -> dict:
+    source = f"random:{arch}:{stem}:{size}"
+    files, exports = {}, {}
+    for key in variants:
+        kwargs = VARIANTS[key]
+        files[key] = workdir / f"{arch}_{key}.onnx"
+        log(f"{arch}: exporting {key}")
+        report = xo.export_onnx(source, files[key], **kwargs)
+        v = report["verification"]
+        exports[key] = {"size_mb": round(report["size_bytes"] / 1e6, 2), "max_abs_diff": v["max_abs_diff"],
+                        "min_cosine": v["min_cosine"], "export_s": report["seconds"]["export"]}
+    encoder, _, info = xo.load_source(source)
+    pre = info["preprocessing"]
+    encoder_cl = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+    load = {}
+    sessions = {}
+    for name, key in SESSIONS.items():
+        if key not in files:
+            continue
+        t = time.perf_counter()
+        sessions[name] = ort_session(files[key], threads)
+        load[name] = round(time.perf_counter() - t, 3)
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for batch in batches:
+        pixels = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        x = pre.normalize(pixels)
+        xt = torch.from_numpy(x)
+        xt_cl = xt.contiguous(memory_format=torch.channels_last)
+
+        contenders = {"pytorch": partial(run_torch, encoder, xt), "pytorch_cl": partial(run_torch, encoder_cl, xt_cl)}
+        for name, sess in sessions.items():
+            feed = {INPUT_UINT8: pixels} if name == "ort_uint8" else {INPUT_FLOAT: x}
+            contenders[name] = partial(sess.run, [OUTPUT], feed)
+        per_round = {k: [] for k in contenders}
+        n = max(iters, -(-min_images // batch))  # more calls for small batches, so that each round lasts
+        for r in range(rounds):
+            for name, fn in contenders.items():
+                per_round[name].append(batch / timed(fn, n))
+            log(f"{arch} batch {batch} round {r + 1}/{rounds}: "
+                + ", ".join(f"{k} {v[-1]:.1f}" for k, v in per_round.items()))
+        med = {k: round(statistics.median(v), 2) for k, v in per_round.items()}
+        ratios = {k: round(med[k] / med["pytorch"], 2) for k in med if k != "pytorch"}
+        round_ratio = statistics.median(o / p for o, p in zip(per_round["ort"], per_round["pytorch"]))
+        results[str(batch)] = {"images_per_s": med, "ratio_vs_pytorch": ratios,
+                               "ort_vs_pytorch_median_of_round_ratios": round(round_ratio, 2),
+                               "rounds": {k: [round(v, 2) for v in vs] for k, vs in per_round.items()}}
+    out = {"source": source, "input_size": size, "exports": exports, "session_load_s": load, "batches": results}
+    gpu = bench_gpu(files, size, batches, rounds, iters, workdir)
+    if gpu:
+        out["gpu"] = gpu
+    return out
+
+
+def bench_gpu(files, size, batches, rounds, iters, workdir) -> dict | None:
+    """ONNX Runtime's CUDA and TensorRT providers, when this onnxruntime has them and a GPU is present."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
+        return None
+    out = {"device": torch.cuda.get_device_name(0)}
+    providers = [p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p in available]
+    rng = np.random.default_rng(0)
+    for provider in providers:
+        for key in ("float32", "float16"):
+            if key not in files:
+                continue
+            try:
+                sess = ort_session(files[key], 0, provider, cache_dir=str(workdir / "trt"))
+            except Exception as e:  # noqa: BLE001 - a provider that fails to load is reported, not fatal
+                out[f"{provider}/{key}"] = {"error": str(e).splitlines()[0]}
+                continue
+            res = {}
+            for batch in batches:
+                pixels = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+                run = partial(sess.run, [OUTPUT], {INPUT_UINT8: pixels})
+                speeds = [batch / timed(run, 10 * iters) for _ in range(rounds)]
+                res[str(batch)] = round(statistics.median(speeds), 1)
+            out[f"{provider}/{key}"] = {"images_per_s": res}
+            log(f"{provider} {key}: {res}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="resnet18,resnet50", help="comma-separated architectures (imagenet stem)")
+    p.add_argument("--size", type=int, default=224, help="input size in pixels")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
+    p.add_argument("--iters", type=int, default=2, help="timed calls per contender and round, at least")
+    p.add_argument("--min-images", type=int, default=16, help="images per contender and round, at least")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and ONNX Runtime")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"exports to make (of {', '.join(VARIANTS)})")
+    p.add_argument("--tiny", action="store_true",
+                   help="ResNet-18 small stem at 16 px, batches 1 and 2, one round, two exports")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    stem = "imagenet"
+    if args.tiny:
+        args.archs, args.size, args.batches, args.rounds, args.iters, stem = "resnet18", 16, "1,2", 1, 1, "small"
+        args.variants, args.min_images = "float32,float", 1
+    variants = args.variants.split(",")
+    if "float" not in variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}, including float (the baseline's graph)")
+    torch.set_num_threads(args.threads)
+    started = datetime.datetime.now().astimezone()
+    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(),
+              "load_average_start": os.getloadavg(), "command": " ".join(sys.argv), "models": {}}
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory(prefix="byolkit-export-speed-") as tmp:
+        for arch in args.archs.split(","):
+            result["models"][arch] = bench_arch(arch, stem, args.size, batches, args.rounds, args.iters,
+                                                args.min_images, args.threads, Path(tmp), variants)
+    result["load_average_end"] = os.getloadavg()
+    result["seconds"] = round((datetime.datetime.now().astimezone() - started).total_seconds(), 1)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    for arch, r in result["models"].items():
+        for batch, b in r["batches"].items():
+            log(f"{arch} batch {batch}: " + ", ".join(f"{k} {v}" for k, v in b["images_per_s"].items())
+                + f" | ort/pytorch {b['ratio_vs_pytorch']['ort']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
