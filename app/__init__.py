@@ -1,1 +1,21 @@
-"""byolkit app (see its issue; arrives in a later change)."""
+"""byolkit app: similar-image search over embeddings (FAISS index, command line, Gradio page, main job).
+
+Needs the `app` extra: pip install -e '.[app]'.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+# import name -> what it is for, checked before work starts so that a missing extra is one clear line
+NEEDS = {"faiss": "the index (faiss-cpu)", "onnxruntime": "in-process embedding (onnxruntime)",
+         "gradio": "the page (gradio)", "onnx": "the main job's export (onnx)",
+         "onnxscript": "the main job's export (onnxscript)", "tritonclient": "a --server encoder (tritonclient)"}
+
+
+def missing(*modules: str) -> str | None:
+    """None when every module imports, else a one-line message naming the missing ones and the fix."""
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not absent:
+        return None
+    return (f"missing {', '.join(NEEDS.get(m, m) for m in absent)}: install the app extra, "
+            "pip install -e '.[app]'")

@@ -1,0 +1,164 @@
+"""Similar-image search from the command line: build an index of a folder, add to it, query it.
+
+    python -m app.index build  --images DIR|ZIP --out INDEX_DIR --model model.onnx
+    python -m app.index add    --index INDEX_DIR --images DIR|ZIP --model model.onnx
+    python -m app.index search --index INDEX_DIR --image FILE -k 10 --model model.onnx
+    python -m app.index info   --index INDEX_DIR
+
+The encoder is an exported ONNX file run in process (--model) or a byolkit server
+(--server grpc://host:8001 or http://host:8000). Similarity is cosine. Collections up to 50,000
+images get exact search; larger ones an approximate index (HNSW, or IVF-PQ beyond 2M), tuned to
+recall@10 >= --target-recall against exact search; --index-type picks one by name.
+An index refuses embeddings of any other model than the one it was built with.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from export.contract import DEFAULT_MODEL_NAME
+
+from .faiss_index import DEFAULT_TARGET_RECALL, KINDS
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input: the usage, then one `error: ...` line, exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _encoder_flags(p):
+    g = p.add_argument_group("encoder (one of)")
+    g.add_argument("--model", metavar="MODEL.onnx", help="an exported encoder, run in this process")
+    g.add_argument("--server", metavar="URL", help="a byolkit server: grpc://host:8001 or http://host:8000")
+    g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="the served model's name (default %(default)s)")
+    g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads in process (0: all cores)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m app.index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    b = sub.add_parser("build", help="embed a folder or zip of images and write a new index",
+                       description="Embed every readable image of --images and write a new index to --out.")
+    b.add_argument("--images", required=True, help="image folder (sub-folders name classes), zip archive of one, "
+                   "or a torchvision data set (cifar10:test)")
+    b.add_argument("--out", required=True, help="index directory (created; must be new unless --force)")
+    b.add_argument("--index-type", default="auto", choices=KINDS,
+                   help="exact (flat) or approximate (hnsw, ivfpq); auto chooses by size (default)")
+    b.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
+                   help="recall@10 an approximate index is tuned to, against exact search (default %(default)s)")
+    b.add_argument("--force", action="store_true", help="replace an existing index in --out")
+    _common(b)
+
+    a = sub.add_parser("add", help="append images to an existing index",
+                       description="Embed the images of --images not yet in the index and append them.")
+    a.add_argument("--index", required=True, help="index directory")
+    a.add_argument("--images", required=True, help="image folder, zip archive or torchvision data set")
+    _common(a)
+
+    s = sub.add_parser("search", help="print the nearest neighbours of an image",
+                       description="Print the k indexed images most similar to --image, with cosine similarity.")
+    s.add_argument("--index", required=True, help="index directory")
+    s.add_argument("--image", required=True, help="the query image file")
+    s.add_argument("-k", type=int, default=10, help="neighbours to print (default %(default)s)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _encoder_flags(s)
+
+    i = sub.add_parser("info", help="describe an index", description="Print what an index holds, as JSON.")
+    i.add_argument("--index", required=True, help="index directory")
+    return p
+
+
+def _common(p):
+    _encoder_flags(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per request to the encoder (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _report_skipped(skipped) -> None:
+    for name, reason in skipped[:5]:
+        _log(f"  skipped {name}: {reason}")
+    if len(skipped) > 5:
+        _log(f"  ... and {len(skipped) - 5} more unreadable images")
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "k", 1) < 1:
+        parser.error("-k must be at least 1")
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error("--batch-size must be at least 1")
+    if not 0 < getattr(args, "target_recall", 0.5) <= 1:
+        parser.error("--target-recall must be in (0, 1]")
+    if args.command != "info" and bool(args.model) == bool(args.server):
+        parser.error("give the encoder as either --model MODEL.onnx or --server URL")
+    from . import missing
+    problem = missing("faiss", *([] if args.command == "info" else ["onnxruntime"] if args.model else ["tritonclient"]))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    from . import ops
+    from .embedding import open_encoder
+    from .faiss_index import SearchIndex
+
+    try:
+        if args.command == "info":
+            print(json.dumps(SearchIndex.load(args.index).info(), indent=1))
+            return 0
+        if args.command == "build":
+            ops.check_build_target(args.out, args.force)
+            ops.open_images(args.images)  # bad paths fail here, before the model loads
+        index = SearchIndex.load(args.index) if args.command in ("add", "search") else None
+        encoder = open_encoder(args.model, args.server, args.model_name, threads=args.threads)
+        if index is not None:
+            index.check_model(encoder.model)
+
+        if args.command == "build":
+            index, report = ops.build_index(encoder, args.images, args.out, kind=args.index_type,
+                                            target_recall=args.target_recall, batch_size=args.batch_size,
+                                            force=args.force, progress=not args.no_progress, log=_log)
+            _report_skipped(report.skipped)
+            print(f"indexed {len(index)} images from {args.images} into {args.out} "
+                  f"({len(report.skipped)} unreadable skipped): {_describe(index)}")
+        elif args.command == "add":
+            report = ops.add_collection(index, encoder, args.images, batch_size=args.batch_size,
+                                        progress=not args.no_progress, log=_log)
+            _report_skipped(report.skipped)
+            print(f"{report.line()}; the index holds {len(index)} images: {_describe(index)}")
+        else:
+            hits = ops.query(index, encoder, args.image, args.k)
+            if args.json:
+                print(json.dumps([{k: h[k] for k in ("rank", "score", "label", "path")} for h in hits], indent=1))
+            else:
+                print(f"{'rank':>4}  {'similarity':>10}  {'label':<12}  path")
+                for h in hits:
+                    print(f"{h['rank']:>4}  {h['score']:>10.4f}  {(h['label'] or '-'):<12}  {h['path']}")
+        return 0
+    except ops.USER_ERRORS + (ops.AppError,) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _describe(index) -> str:
+    recall = index.recall or {}
+    quality = "exact search" if index.kind == "flat" else (
+        f"recall@10 {recall['value']} against exact (target {recall['target']})" if recall.get("value") is not None
+        else "too few images to measure recall: searching exhaustively")
+    model = index.model
+    return (f"{index.kind} index, {quality}; model {model.get('arch', '?')} {model.get('embedding_dim')}-d, "
+            f"fingerprint {model.get('fingerprint')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
