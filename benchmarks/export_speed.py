@@ -79,8 +79,7 @@ def run_torch(model, x):
 
 
 def timed(fn, iters: int) -> float:
-    """Seconds per call, over `iters` calls after one untimed call."""
-    fn()
+    """Seconds per call, over `iters` calls (warm up first)."""
     t = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -145,6 +144,8 @@ def bench_arch(arch: str, stem: str, size: int, files: dict, batches: list[int],
             contenders[name] = partial(sess.run, [OUTPUT], feed)
         per_round = {k: [] for k in contenders}
         n = max(iters, -(-min_images // batch))  # more calls for small batches, so that each round lasts
+        for fn in contenders.values():  # warm-up: allocations, kernel choices, layout caches
+            fn()
         wall, cpu = time.perf_counter(), cpu_seconds()
         for r in range(rounds):
             for name, fn in contenders.items():
