@@ -185,6 +185,7 @@ def bench_gpu(files, size, batches, rounds, iters, workdir) -> dict | None:
             for batch in batches:
                 pixels = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
                 run = partial(sess.run, [OUTPUT], {INPUT_UINT8: pixels})
+                run()  # warm-up (TensorRT builds its engine here)
                 speeds = [batch / timed(run, 10 * iters) for _ in range(rounds)]
                 res[str(batch)] = round(statistics.median(speeds), 1)
             out[f"{provider}/{key}"] = {"images_per_s": res}
