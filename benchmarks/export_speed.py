@@ -79,8 +79,7 @@ def run_torch(model, x):
 
 
 def timed(fn, iters: int) -> float:
-    """Seconds per call, over `iters` calls after one untimed call."""
-    fn()
+    """Seconds per call, over `iters` calls (warm up first)."""
     t = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -96,29 +95,41 @@ SESSIONS = {"ort": "float", "ort_uint8": "float32", "ort_simplified": "float_sim
             "ort_torchscript": "float_torchscript"}  # contender -> export
 
 
-def bench_arch(arch: str, stem: str, size: int, batches: list[int], rounds: int, iters: int, min_images: int,
-               threads: int, workdir: Path, variants: list[str]) -> dict:
+def export_variants(arch: str, stem: str, size: int, workdir: Path, variants: list[str]) -> tuple[dict, dict]:
+    """-> (files, exports): each variant's path, and its size, verification error and export time."""
     source = f"random:{arch}:{stem}:{size}"
     files, exports = {}, {}
     for key in variants:
-        kwargs = VARIANTS[key]
         files[key] = workdir / f"{arch}_{key}.onnx"
         log(f"{arch}: exporting {key}")
-        report = xo.export_onnx(source, files[key], **kwargs)
+        report = xo.export_onnx(source, files[key], **VARIANTS[key])
         v = report["verification"]
         exports[key] = {"size_mb": round(report["size_bytes"] / 1e6, 2), "max_abs_diff": v["max_abs_diff"],
                         "min_cosine": v["min_cosine"], "export_s": report["seconds"]["export"]}
-    encoder, _, info = xo.load_source(source)
+    return files, exports
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def bench_arch(arch: str, stem: str, size: int, files: dict, batches: list[int], rounds: int, iters: int,
+               min_images: int, threads: int) -> dict:
+    """Images/s of every contender at every batch size, in alternating rounds.
+
+    cpu_share: this process's CPU time over wall time x threads during the timing. Near 1 the
+    benchmark had its cores; well below 1, something else ran (the figures are then not kept).
+    """
+    encoder, _, info = xo.load_source(f"random:{arch}:{stem}:{size}")
     pre = info["preprocessing"]
     encoder_cl = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
-    load = {}
-    sessions = {}
+    load, sessions = {}, {}
     for name, key in SESSIONS.items():
-        if key not in files:
-            continue
-        t = time.perf_counter()
-        sessions[name] = ort_session(files[key], threads)
-        load[name] = round(time.perf_counter() - t, 3)
+        if key in files:
+            t = time.perf_counter()
+            sessions[name] = ort_session(files[key], threads)
+            load[name] = round(time.perf_counter() - t, 3)
 
     rng = np.random.default_rng(0)
     results = {}
@@ -127,29 +138,29 @@ def bench_arch(arch: str, stem: str, size: int, batches: list[int], rounds: int,
         x = pre.normalize(pixels)
         xt = torch.from_numpy(x)
         xt_cl = xt.contiguous(memory_format=torch.channels_last)
-
         contenders = {"pytorch": partial(run_torch, encoder, xt), "pytorch_cl": partial(run_torch, encoder_cl, xt_cl)}
         for name, sess in sessions.items():
             feed = {INPUT_UINT8: pixels} if name == "ort_uint8" else {INPUT_FLOAT: x}
             contenders[name] = partial(sess.run, [OUTPUT], feed)
         per_round = {k: [] for k in contenders}
         n = max(iters, -(-min_images // batch))  # more calls for small batches, so that each round lasts
+        for fn in contenders.values():  # warm-up: allocations, kernel choices, layout caches
+            fn()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         for r in range(rounds):
             for name, fn in contenders.items():
                 per_round[name].append(batch / timed(fn, n))
             log(f"{arch} batch {batch} round {r + 1}/{rounds}: "
                 + ", ".join(f"{k} {v[-1]:.1f}" for k, v in per_round.items()))
+        share = (cpu_seconds() - cpu) / ((time.perf_counter() - wall) * threads)
         med = {k: round(statistics.median(v), 2) for k, v in per_round.items()}
         ratios = {k: round(med[k] / med["pytorch"], 2) for k in med if k != "pytorch"}
         round_ratio = statistics.median(o / p for o, p in zip(per_round["ort"], per_round["pytorch"]))
         results[str(batch)] = {"images_per_s": med, "ratio_vs_pytorch": ratios,
                                "ort_vs_pytorch_median_of_round_ratios": round(round_ratio, 2),
+                               "cpu_share": round(share, 3), "load_average": os.getloadavg()[0],
                                "rounds": {k: [round(v, 2) for v in vs] for k, vs in per_round.items()}}
-    out = {"source": source, "input_size": size, "exports": exports, "session_load_s": load, "batches": results}
-    gpu = bench_gpu(files, size, batches, rounds, iters, workdir)
-    if gpu:
-        out["gpu"] = gpu
-    return out
+    return {"input_size": size, "session_load_s": load, "batches": results}
 
 
 def bench_gpu(files, size, batches, rounds, iters, workdir) -> dict | None:
@@ -174,6 +185,7 @@ def bench_gpu(files, size, batches, rounds, iters, workdir) -> dict | None:
             for batch in batches:
                 pixels = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
                 run = partial(sess.run, [OUTPUT], {INPUT_UINT8: pixels})
+                run()  # warm-up (TensorRT builds its engine here)
                 speeds = [batch / timed(run, 10 * iters) for _ in range(rounds)]
                 res[str(batch)] = round(statistics.median(speeds), 1)
             out[f"{provider}/{key}"] = {"images_per_s": res}
@@ -207,10 +219,20 @@ def main(argv=None) -> int:
     result = {"date": started.isoformat(timespec="seconds"), "machine": machine(),
               "load_average_start": os.getloadavg(), "command": " ".join(sys.argv), "models": {}}
     batches = [int(b) for b in args.batches.split(",")]
+    archs = args.archs.split(",")
     with tempfile.TemporaryDirectory(prefix="byolkit-export-speed-") as tmp:
-        for arch in args.archs.split(","):
-            result["models"][arch] = bench_arch(arch, stem, args.size, batches, args.rounds, args.iters,
-                                                args.min_images, args.threads, Path(tmp), variants)
+        files = {}
+        for arch in archs:  # every export first, so that the timings run back to back
+            files[arch], exports = export_variants(arch, stem, args.size, Path(tmp), variants)
+            result["models"][arch] = {"source": f"random:{arch}:{stem}:{args.size}", "exports": exports}
+        result["load_average_timing_start"] = os.getloadavg()
+        for arch in archs:
+            result["models"][arch].update(bench_arch(arch, stem, args.size, files[arch], batches, args.rounds,
+                                                     args.iters, args.min_images, args.threads))
+        for arch in archs:
+            gpu = bench_gpu(files[arch], args.size, batches, args.rounds, args.iters, Path(tmp))
+            if gpu:
+                result["models"][arch]["gpu"] = gpu
     result["load_average_end"] = os.getloadavg()
     result["seconds"] = round((datetime.datetime.now().astimezone() - started).total_seconds(), 1)
     text = json.dumps(result, indent=2)
@@ -221,7 +243,7 @@ def main(argv=None) -> int:
     for arch, r in result["models"].items():
         for batch, b in r["batches"].items():
             log(f"{arch} batch {batch}: " + ", ".join(f"{k} {v}" for k, v in b["images_per_s"].items())
-                + f" | ort/pytorch {b['ratio_vs_pytorch']['ort']}")
+                + f" | ort/pytorch {b['ratio_vs_pytorch']['ort']} | cpu share {b['cpu_share']}")
     return 0
 
 

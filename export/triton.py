@@ -14,13 +14,15 @@ and its inputs and outputs are read from the ONNX graph: names, types and per-it
 sizes and a queue delay), instance groups on the CPU or the GPUs, optional TensorRT acceleration
 (FP16, engine and timing caches, an optimisation profile covering batch 1 to max_batch_size), a
 warm-up at batch 1 and at max_batch_size. The byolkit metadata (preprocessing, embedding size,
-fingerprint) stays in each version's model.onnx (export.contract.read_onnx_metadata reads it
-cheaply); the configuration holds only what all versions share.
+fingerprint) stays in each version's model.onnx, and the configuration carries the served
+version's copy as the parameter "byolkit" (Triton serves only the latest version), so that a
+client of a stock Triton server learns the preprocessing and the model's fingerprint from the
+model configuration, exactly as from serving.server.
 
 Each call adds a new version folder (the next number, or --version); an existing version is never
 replaced. config.pbtxt is shared by all versions: a new version must have the same inputs and
-outputs, and a configuration that differs from the existing one is only replaced with
---replace-config. Writes go to a temporary folder first, so that Triton never sees half a version.
+outputs, and a configuration that differs from the existing one in anything but the "byolkit"
+parameter is only replaced with --replace-config (a newer version updates that parameter). Writes go to a temporary folder first, so that Triton never sees half a version.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .contract import DEFAULT_MODEL_NAME, MetadataError, read_onnx_metadata
+from .contract import DEFAULT_MODEL_NAME, METADATA_KEY, MetadataError, read_onnx_metadata
 
 KINDS = ("cpu", "gpu")
 MODEL_FILENAME = "model.onnx"
@@ -138,6 +140,7 @@ def build_config(onnx_path, *, name: str = DEFAULT_MODEL_NAME, max_batch_size: i
     cfg = mc.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size,
                          default_model_filename=MODEL_FILENAME)
     cfg.version_policy.latest.num_versions = 1
+    cfg.parameters[METADATA_KEY].string_value = json.dumps(sig["metadata"], sort_keys=True)
     for (tname, dtype, dims) in sig["inputs"]:
         cfg.input.add(name=tname, data_type=mc.DataType.Value(dtype), dims=dims[1:])
     for (tname, dtype, dims) in sig["outputs"]:
@@ -189,6 +192,15 @@ def read_config(path):
         raise RepositoryError(f"{path} is not a readable Triton model configuration ({e})") from None
 
 
+def _settings_text(cfg) -> str:
+    """The configuration without the served version's metadata: what --replace-config guards."""
+    from tritonclient.grpc import model_config_pb2 as mc
+    copy = mc.ModelConfig()
+    copy.CopyFrom(cfg)
+    copy.parameters.pop(METADATA_KEY, None)
+    return config_text(copy)
+
+
 def _io(cfg) -> list:
     return [(t.name, t.data_type, list(t.dims)) for t in (*cfg.input, *cfg.output)]
 
@@ -236,22 +248,25 @@ def write_repository(onnx_path, repository, *, name: str = DEFAULT_MODEL_NAME,
     if model_dir.exists() and not model_dir.is_dir():
         raise RepositoryError(f"{model_dir} exists and is not a directory")
     config_path = model_dir / CONFIG_NAME
+    existing = _versions(model_dir) if model_dir.is_dir() else []
+    if version is None:
+        version = (existing[-1] + 1) if existing else 1
+    if version < 1:
+        raise RepositoryError(f"version must be >= 1, got {version}")
     write_config = True
     if config_path.exists():
         old = read_config(config_path)
         if _io(old) != _io(cfg):
             raise RepositoryError(f"{model_dir} serves other tensors ({_io(old)}) than {onnx_path} ({_io(cfg)}); "
                                   f"all versions of a Triton model share one configuration: choose another --name")
-        if config_path.read_text() == text:
-            write_config = False
-        elif not replace_config:
+        if _settings_text(old) != _settings_text(cfg) and not replace_config:
             raise RepositoryError(f"{config_path} exists with other settings; pass --replace-config to replace it "
                                   f"(it applies to every version of {name})")
-    existing = _versions(model_dir) if model_dir.is_dir() else []
-    if version is None:
-        version = (existing[-1] + 1) if existing else 1
-    if version < 1:
-        raise RepositoryError(f"version must be >= 1, got {version}")
+        if existing and version < existing[-1] and METADATA_KEY in old.parameters:
+            # Triton keeps serving the newest version: the metadata must stay that version's
+            cfg.parameters[METADATA_KEY].string_value = old.parameters[METADATA_KEY].string_value
+            text = config_text(cfg)
+        write_config = config_path.read_text() != text
     version_dir = model_dir / str(version)
     if version_dir.exists():
         raise RepositoryError(f"{version_dir} already exists; versions are never overwritten (omit --version for "

@@ -162,3 +162,27 @@ def test_command_line_writes_a_version(onnx_files, tmp_path, capsys):
     help_text = xt.get_args_parser().format_help()
     assert "--tensorrt" in help_text and "--replace-config" in help_text
 
+
+
+def test_config_carries_the_served_versions_metadata(onnx_files, tmp_path_factory, tmp_path):
+    """A stock Triton server answers model-config requests from config.pbtxt: the client and the
+    app learn the preprocessing and the fingerprint from its "byolkit" parameter."""
+    from export.contract import METADATA_KEY, decode_metadata
+    other = tmp_path_factory.mktemp("other") / "other.onnx"
+    xo.export_onnx("random:resnet18:imagenet:16", other, input_kind="uint8")  # same tensors, other network
+    first, second = xo.read_metadata(onnx_files["uint8"]), xo.read_metadata(other)
+    assert first["fingerprint"] != second["fingerprint"]
+
+    def served(repo):
+        return decode_metadata(parse(repo / DEFAULT_MODEL_NAME / "config.pbtxt").parameters[METADATA_KEY].string_value)
+
+    xt.write_repository(onnx_files["uint8"], tmp_path)
+    assert served(tmp_path)["fingerprint"] == first["fingerprint"]
+    assert served(tmp_path)["preprocessing"] == first["preprocessing"]
+    assert xt.write_repository(other, tmp_path).name == "2"  # only the metadata differs: no --replace-config
+    assert served(tmp_path)["fingerprint"] == second["fingerprint"]
+    assert served(tmp_path)["stem"] == "imagenet"
+    xt.write_repository(onnx_files["uint8"], tmp_path, version=5)
+    assert served(tmp_path)["fingerprint"] == first["fingerprint"]  # version 5 is now the served one
+    xt.write_repository(other, tmp_path, version=3)  # an older version: the served metadata stays
+    assert served(tmp_path)["fingerprint"] == first["fingerprint"]
