@@ -257,19 +257,26 @@ def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bo
     demo = build_app(state)
     allowed = sorted({str(Path(p).resolve().parent) for p in state.examples} | {str(state.downloads)})
     demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_error=False,
-                            allowed_paths=allowed, quiet=True, ssr_mode=False)
-    print(f"byolkit app: {url}  (index {state.index.path}, {len(state.index)} images; Ctrl-C stops it)", flush=True)
+
+    def start():
+        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_error=False,
+                                allowed_paths=allowed, quiet=True, ssr_mode=False)
+        print(f"byolkit app: {url}  (index {state.index.path}, {len(state.index)} images; Ctrl-C stops it)",
+              flush=True)
+        return url
+
     if not block:
-        return demo, url
+        return demo, start()
 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    # SIGTERM (a service manager, kill) and SIGINT stop it the same way; SIGINT is set explicitly
-    # because a shell's background job (`python -m app &`) inherits it ignored
+    # SIGTERM (a service manager, kill) and SIGINT stop it the same way, from before the server
+    # answers; SIGINT is set explicitly because a shell's background job inherits it ignored
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    url = None
     try:
+        url = start()
         demo.block_thread()
     except KeyboardInterrupt:
         pass
