@@ -71,7 +71,7 @@ PROJ_HIDDEN, PROJ_DIM = 64, 32
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A run directory as trainer.pretrain leaves it (cpu-quick: ResNet-18 small stem, 24 px), with
+    """A run directory as trainer.pretrain leaves it (the cpu-quick preset's network, 24 px), with
     non-trivial BatchNorm statistics and a projector of 64 -> 32."""
     cfg = preset("cpu-quick")
     for o in (f"model.projector_hidden_dim={PROJ_HIDDEN}", f"model.projection_dim={PROJ_DIM}",
@@ -218,7 +218,9 @@ def test_metadata_read_back(exports, run_dir):
     meta = xo.read_metadata(path)
     assert set(METADATA_FIELDS) <= set(meta)
     _, info = load_encoder(run_dir / "encoder.safetensors")
-    assert meta["arch"] == "resnet18" and meta["stem"] == "small" and meta["embedding_dim"] == 512
+    quick = preset("cpu-quick").model
+    assert meta["arch"] == info["arch"] == quick.arch and meta["stem"] == quick.stem == "small"
+    assert meta["embedding_dim"] == info["embedding_dim"] == build_encoder(quick.arch, quick.stem)[1]
     assert meta["head"] == "encoder" and meta["input"] == "uint8" and meta["weights"] == "float32"
     assert meta["preprocessing"] == info["preprocessing"]  # input size, resize size, mean, std
     assert meta["preprocessing"].input_size == 24
@@ -270,7 +272,8 @@ def test_projector_head_from_the_full_checkpoint(exports, run_dir):
     assert meta["encoder_fingerprint"] == info["fingerprint"] != meta["fingerprint"]
     # the reference: the checkpoint's online projector, loaded here by hand
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
-    model = BYOL(build_encoder("resnet18", "small")[0], 512, PROJ_HIDDEN, PROJ_DIM, 16)
+    encoder, dim = build_encoder(info["arch"], info["stem"])
+    model = BYOL(encoder, dim, PROJ_HIDDEN, PROJ_DIM, 16)
     model.load_state_dict(state)
     model.eval()
     batch = images(4, 24, seed=8)
