@@ -15,7 +15,7 @@ one process, in alternating rounds (a background load hits every contender alike
 
 at batch 1, 8 and 32, reporting the median images/s over the rounds and the ratios against
 `pytorch`. Each export's file size and verification error (export.onnx's own check against PyTorch)
-are reported for float32 and float16 weights. Where CUDA is available (onnxruntime-gpu), ONNX Runtime's
+are reported for float32 and float16 weights. ONNX Runtime's idle threads do not spin (see ort_session). Where CUDA is available (onnxruntime-gpu), ONNX Runtime's
 CUDA and TensorRT execution providers are timed on the float32 and float16 exports too.
 """
 from __future__ import annotations
@@ -63,6 +63,10 @@ def ort_session(path: Path, threads: int, provider: str = "CPUExecutionProvider"
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # Idle worker threads sleep instead of spinning: with several sessions alive in one process, a
+    # session's spinning threads took the cores from the next contender (measured: the same graph
+    # ran 10-20% slower when timed right after another session).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if provider == "TensorrtExecutionProvider":
         opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir or "."}
         return ort.InferenceSession(str(path), so, providers=[(provider, opts), "CUDAExecutionProvider"])
@@ -107,6 +111,27 @@ def export_variants(arch: str, stem: str, size: int, workdir: Path, variants: li
         exports[key] = {"size_mb": round(report["size_bytes"] / 1e6, 2), "max_abs_diff": v["max_abs_diff"],
                         "min_cosine": v["min_cosine"], "export_s": report["seconds"]["export"]}
     return files, exports
+
+
+def real_image_errors(arch: str, stem: str, size: int, files: dict, collection_path: str, count: int) -> dict:
+    """ONNX Runtime against PyTorch on `count` real photos (spread over the collection, e.g. CIFAR-10's
+    test split), put through the preprocessing contract, for the float32 and float16 uint8 exports."""
+    from trainer.data import open_collection
+    collection = open_collection(collection_path)
+    encoder, _, info = xo.load_source(f"random:{arch}:{stem}:{size}")
+    pre = info["preprocessing"]
+    picks = [i * len(collection) // count for i in range(count)]
+    pixels = np.stack([pre.resize_and_crop(collection.load(i)) for i in picks])
+    with torch.inference_mode():
+        expected = encoder(torch.from_numpy(pre.normalize(pixels))).numpy().astype(np.float64)
+    out = {"images": count, "source": collection.description}
+    for key in ("float32", "float16"):
+        if key in files:
+            got = ort_session(files[key], torch.get_num_threads()).run([OUTPUT], {INPUT_UINT8: pixels})[0]
+            got = got.astype(np.float64)
+            cos = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+            out[key] = {"max_abs_diff": float(np.abs(got - expected).max()), "min_cosine": float(cos.min())}
+    return out
 
 
 def cpu_seconds() -> float:
@@ -205,6 +230,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"exports to make (of {', '.join(VARIANTS)})")
     p.add_argument("--tiny", action="store_true",
                    help="ResNet-18 small stem at 16 px, batches 1 and 2, one round, two exports")
+    p.add_argument("--real-images", default=None, metavar="PATH",
+                   help="also measure the export error on real photos: an image folder or zip (e.g. CIFAR-10's "
+                        "test.zip), put through the preprocessing contract")
+    p.add_argument("--real-count", type=int, default=64, help="how many of them (spread over the collection)")
+    p.add_argument("--no-timing", action="store_true", help="exports and errors only")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     stem = "imagenet"
@@ -225,11 +255,16 @@ def main(argv=None) -> int:
         for arch in archs:  # every export first, so that the timings run back to back
             files[arch], exports = export_variants(arch, stem, args.size, Path(tmp), variants)
             result["models"][arch] = {"source": f"random:{arch}:{stem}:{args.size}", "exports": exports}
+        if args.real_images:
+            for arch in archs:
+                log(f"{arch}: errors on {args.real_count} images of {args.real_images}")
+                result["models"][arch]["real_images"] = real_image_errors(
+                    arch, stem, args.size, files[arch], args.real_images, args.real_count)
         result["load_average_timing_start"] = os.getloadavg()
-        for arch in archs:
+        for arch in (archs if not args.no_timing else []):
             result["models"][arch].update(bench_arch(arch, stem, args.size, files[arch], batches, args.rounds,
                                                      args.iters, args.min_images, args.threads))
-        for arch in archs:
+        for arch in (archs if not args.no_timing else []):
             gpu = bench_gpu(files[arch], args.size, batches, args.rounds, args.iters, Path(tmp))
             if gpu:
                 result["models"][arch]["gpu"] = gpu
@@ -241,7 +276,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(text + "\n")
     print(text)
     for arch, r in result["models"].items():
-        for batch, b in r["batches"].items():
+        for batch, b in r.get("batches", {}).items():
             log(f"{arch} batch {batch}: " + ", ".join(f"{k} {v}" for k, v in b["images_per_s"].items())
                 + f" | ort/pytorch {b['ratio_vs_pytorch']['ort']} | cpu share {b['cpu_share']}")
     return 0

@@ -9,16 +9,18 @@ import sys
 from conftest import REPO_ROOT
 
 
-def test_export_speed_benchmark_runs_tiny(tmp_path):
+def test_export_speed_benchmark_runs_tiny(tmp_path, image_folder):
     out = tmp_path / "speed.json"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "benchmarks/export_speed.py", "--tiny", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "benchmarks/export_speed.py", "--tiny", "--json", str(out),
+                           "--real-images", str(image_folder), "--real-count", "4"],
                           capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["date"] and result["machine"]["cpus"] >= 1
     r18 = result["models"]["resnet18"]
     assert r18["exports"]["float32"]["max_abs_diff"] <= 1e-4 and r18["exports"]["float32"]["size_mb"] > 1
+    assert r18["real_images"]["images"] == 4 and r18["real_images"]["float32"]["max_abs_diff"] <= 1e-4
     for batch in ("1", "2"):
         speeds = r18["batches"][batch]["images_per_s"]
         assert set(speeds) == {"pytorch", "pytorch_cl", "ort", "ort_uint8"} and min(speeds.values()) > 0
