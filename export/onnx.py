@@ -41,16 +41,14 @@ from trainer.checkpoint import (
     ENCODER_NAME,
     CheckpointError,
     atomic_write,
+    default_preprocessing,
     load_checkpoint,
     load_encoder,
+    parse_random_spec,
     weights_fingerprint,
 )
 from trainer.models import ARCHITECTURES, STEMS, MLPHead, build_encoder
 from trainer.preprocess import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Preprocessing,
     normalize_unit_tensor,
 )
@@ -90,32 +88,20 @@ read_metadata = read_onnx_metadata  # (onnx_path) -> dict; cheap, see export.con
 # ============================================================================================
 def parse_random_source(spec: str) -> tuple[str, str, int]:
     """"random:resnet18:small:32" -> ("resnet18", "small", 32); stem and size have defaults."""
-    parts = spec[len(RANDOM_PREFIX):].split(":")
-    if not 1 <= len(parts) <= 3 or not parts[0]:
-        raise ExportError(f"expected random:ARCH[:STEM[:INPUT_SIZE]], got {spec!r}")
-    arch = parts[0]
-    stem = parts[1] if len(parts) > 1 and parts[1] else "imagenet"
-    if arch not in ARCHITECTURES:
-        raise ExportError(f"unknown architecture {arch!r} in {spec!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if stem not in STEMS:
-        raise ExportError(f"unknown stem {stem!r} in {spec!r}; choose one of {', '.join(STEMS)}")
     try:
-        size = int(parts[2]) if len(parts) > 2 else (224 if stem == "imagenet" else 32)
-    except ValueError:
-        raise ExportError(f"input size must be an integer in {spec!r}") from None
-    if not 8 <= size <= 1024:
-        raise ExportError(f"input size {size} in {spec!r} is outside 8-1024")
-    return arch, stem, size
+        arch, stem, size = parse_random_spec(spec)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return arch, stem, size or default_preprocessing(stem).input_size
 
 
 def _random_encoder(spec: str, head: str):
     arch, stem, size = parse_random_source(spec)
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if stem == "small" else (IMAGENET_MEAN, IMAGENET_STD)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         encoder, dim = build_encoder(arch, stem)
         projector = MLPHead(dim) if head == "projector" else None
-    pre = Preprocessing.for_image_size(size, mean, std)
+    pre = default_preprocessing(stem, size)
     calibrate_batchnorm(encoder, projector, pre)
     info = {"arch": arch, "stem": stem, "embedding_dim": dim, "step": 0, "preprocessing": pre,
             "fingerprint": weights_fingerprint(encoder.state_dict())}

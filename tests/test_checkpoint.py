@@ -21,6 +21,7 @@ from trainer.checkpoint import (
     check_same_model,
     load_checkpoint,
     load_encoder,
+    open_encoder,
     read_encoder_metadata,
     save_checkpoint,
     save_encoder,
@@ -231,3 +232,46 @@ def test_weights_fingerprint_tracks_the_weights():
     renamed = {("x" + k): v for k, v in sd.items()}
     assert weights_fingerprint(renamed) != fp
     assert weights_fingerprint({k: v.double() for k, v in sd.items()}) != fp
+
+
+# -- encoder sources for evaluation and fine-tuning ---------------------------------------------
+def test_open_encoder_sources(tmp_path, encoder_and_input):
+    enc, dim, x = encoder_and_input
+    pre = Preprocessing(40, 48, CIFAR10_MEAN, CIFAR10_STD)
+    save_encoder(tmp_path / ENCODER_NAME, enc, arch="resnet18", stem="small", embedding_dim=dim, preprocessing=pre)
+    trained_enc, info = open_encoder(tmp_path)
+    assert info["source"] == "byol" and info["fingerprint"] == weights_fingerprint(enc.state_dict())
+    # random:PATH: the same architecture and contract, fresh (seeded, reproducible) weights
+    fresh, finfo = open_encoder(f"random:{tmp_path}", seed=3)
+    again, _ = open_encoder(f"random:{tmp_path}", seed=3)
+    assert finfo["source"] == "random" and finfo["arch"] == "resnet18" and finfo["stem"] == "small"
+    assert finfo["preprocessing"] == pre and finfo["embedding_dim"] == 512
+    assert finfo["fingerprint"] != info["fingerprint"]
+    assert finfo["fingerprint"] == weights_fingerprint(again.state_dict())
+    assert not fresh.training
+    # random:ARCH[:STEM[:SIZE]]: the default contract of that stem
+    _, rinfo = open_encoder("random:resnet18_w16:small:24")
+    assert (rinfo["arch"], rinfo["stem"], rinfo["preprocessing"].input_size) == ("resnet18_w16", "small", 24)
+    assert rinfo["preprocessing"].mean == CIFAR10_MEAN
+    _, rinfo = open_encoder("random:resnet18")
+    assert rinfo["stem"] == "imagenet" and rinfo["preprocessing"].input_size == 224
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("random:resnet9", "unknown architecture"),
+    ("random:resnet18:tiny", "unknown stem"),
+    ("random:resnet18:small:big", "must be an integer"),
+    ("random:resnet18:small:4", "outside 8-1024"),
+    ("supervised:resnet9000", "no supervised weights"),
+    ("nowhere/encoder.safetensors", "no encoder or checkpoint"),
+])
+def test_open_encoder_errors(spec, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match=message):
+        open_encoder(spec)
+
+
+def test_supervised_weights_are_never_downloaded(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(CheckpointError, match="not in the local cache"):
+        open_encoder("supervised:resnet18")
