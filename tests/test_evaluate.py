@@ -153,7 +153,7 @@ def test_an_interrupted_fine_tuning_resumes_to_the_uninterrupted_result(capsys, 
     part = tmp_path / "part.json"
     code, out, _ = evaluate_main(capsys, *args, "--out", part, "--stop-after", 1)
     assert code == 0 and "--resume" in out and not part.exists() and (tmp_path / "part.ckpt.pt").is_file()
-    code, _, err = evaluate_main(capsys, *args[:5], 4, *args[6:], "--out", part, "--resume")  # other schedule
+    code, _, err = evaluate_main(capsys, *args[:4], 4, *args[5:], "--out", part, "--resume")  # another schedule
     assert code == 2 and "cannot resume" in err
     code, _, _ = evaluate_main(capsys, *args, "--out", part, "--resume")
     resumed = json.loads(part.read_text())

@@ -10,7 +10,7 @@ The protocols, as BYOL (Grill et al. 2020, appendix C) and its predecessors meas
   linear    a linear classifier on the frozen encoder (BatchNorm statistics frozen too), trained with
             SGD + Nesterov momentum and cross-entropy on random-resized-crop + flip views, tested on
             the contract's resize + centre crop. `--fast`: the classifier trains on cached test-time
-            features instead (no augmentation): minutes become seconds, a point or two lower.
+            features instead (no augmentation): seconds instead of minutes or hours.
   semi      the whole network (encoder + a new linear head) fine-tuned on a class-balanced labelled
             subset (--fraction of every class, chosen by --seed and written out), tested on the full
             test split. `--encoder random:PATH` is training the same network from scratch.
