@@ -50,7 +50,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def evaluate_main(capsys, *argv) -> tuple[int, str, str]:
-    code = evaluate.main([str(a) for a in argv] + ["--no-progress"])
+    code = evaluate.main([str(a) for a in argv] + ["--no-progress", "--workers", "0"])  # no decoding processes
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -129,7 +129,7 @@ def test_balanced_subset_takes_the_same_fraction_of_every_class_deterministicall
 
 def test_semi_fine_tunes_on_a_written_balanced_subset(capsys, colour_data, run_dir, tmp_path):
     train, test = colour_data
-    args = ["semi", "--fraction", 0.5, "--epochs", 6, "--batch-size", 6, "--lr", 0.05, "--encoder", run_dir,
+    args = ["semi", "--fraction", 0.5, "--epochs", 10, "--batch-size", 6, "--lr", 0.03, "--encoder", run_dir,
             "--train", train, "--test", test]
     code, out, err = evaluate_main(capsys, *args)
     assert code == 0 and "labelled subset: 18 of 36 images" in err
@@ -187,7 +187,7 @@ def test_bad_inputs_fail_with_one_clear_line_before_work(capsys, colour_data, ru
     not_encoder = tmp_path / "encoder.safetensors"
     not_encoder.write_text("not weights")
     pickle_like = tmp_path / "model.pt"
-    pickle_like.write_bytes(b"\x80\x04junk")
+    pickle_like.write_bytes(b"this is not a torch file")
     cases += [(["knn", "--encoder", p, "--out", out, "--train", train, "--test", test], "not a")
               for p in (not_encoder, pickle_like)]
     cases.append((["knn", "--encoder", "random:resnet18_w16", "--train", train, "--test", test], "--out is required"))
