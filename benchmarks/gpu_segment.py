@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from segment_coco import coco_flags, compare, machine  # noqa: E402
+from segment_coco import coco_flags, compare, machine
 
 
 def make_shapes(root: Path, count: int, seed: int, size=(64, 56)) -> list[str]:

@@ -39,7 +39,7 @@ def run_segment(flags: list[str], out: Path) -> dict:
     command = [sys.executable, "-m", "trainer.segment", "--no-progress", *flags, "--out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"trainer.segment failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--base-size", type=int, default=64)
     p.add_argument("--crop-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):

@@ -34,7 +34,6 @@ import math
 import signal
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +185,7 @@ class Classes:
         return len(self.ids)
 
     @classmethod
-    def load(cls, path: str | Path, ignore_index: int | None = None) -> "Classes":
+    def load(cls, path: str | Path, ignore_index: int | None = None) -> Classes:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -222,7 +221,7 @@ class Classes:
         return {"ids": self.ids, "names": self.names, "ignore_index": self.ignore_index}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Classes":
+    def from_dict(cls, d: dict) -> Classes:
         return cls(list(d["ids"]), list(d["names"]), d["ignore_index"])
 
     def map(self, raw: np.ndarray) -> np.ndarray:
@@ -440,7 +439,7 @@ def draw_predictions(out_dir: Path, dataset: EvalSet, predictions: dict, classes
         target = torch.from_numpy(classes.map(read_mask(mask_path)))
         image = side_by_side(overlay(photo, pred), overlay(photo, target))
         path = out_dir / f"{photo_path.stem}.jpg"
-        ckpt_io.atomic_write(path, lambda tmp: image.save(tmp, "JPEG", quality=88))
+        ckpt_io.atomic_write(path, lambda tmp, image=image: image.save(tmp, "JPEG", quality=88))
         written.append(path)
     return written
 
