@@ -149,9 +149,10 @@ def load_run(out: Path, kind: str) -> dict:
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
-    """n well-separated colours, the same for every run (golden-angle hues)."""
+    """n well-separated colours (golden-angle hues, alternating brightness), the same for every call."""
     import colorsys
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 0.95)) for i in range(n)]
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, (0.95, 0.7)[i % 2]))
+            for i in range(n)]
 
 
 def side_by_side(*panels: torch.Tensor, gap: int = 8) -> Image.Image:
@@ -162,6 +163,31 @@ def side_by_side(*panels: torch.Tensor, gap: int = 8) -> Image.Image:
     for i, p in enumerate(panels):
         parts += ([spacer] if i else []) + [p]
     return Image.fromarray(torch.cat(parts, dim=2).permute(1, 2, 0).numpy())
+
+
+def add_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """A white strip under the image naming each colour: a swatch and the class name, wrapped in rows."""
+    from PIL import ImageDraw, ImageFont
+    if not entries:
+        return image
+    font = ImageFont.load_default(size=max(11, image.width // 70))
+    probe = ImageDraw.Draw(image)
+    line = int(font.size * 1.6)
+    x, y, placed = 6, 6, []
+    for name, colour in entries:
+        width = line + int(probe.textlength(name, font=font)) + 14
+        if x + width > image.width and x > 6:
+            x, y = 6, y + line
+        placed.append((x, y, name, colour))
+        x += width
+    canvas = Image.new("RGB", (image.width, image.height + y + line + 6), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, name, colour in placed:
+        top = image.height + y
+        draw.rectangle((x, top + 2, x + line - 6, top + line - 4), fill=colour)
+        draw.text((x + line, top + 1), name, fill="black", font=font)
+    return canvas
 
 
 # ============================================================================================
@@ -420,12 +446,11 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, num_classes
 
 
 def draw_predictions(out_dir: Path, dataset: EvalSet, predictions: dict, classes: Classes, alpha: float = 0.55):
-    """predictions/<stem>.jpg: predicted mask | ground truth, coloured over the photo."""
+    """predictions/<stem>.jpg: predicted mask | ground truth, coloured over the photo, with a legend."""
     from torchvision.utils import draw_segmentation_masks
-    colours = palette(len(classes))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def overlay(photo, labels):
+    def overlay(photo, labels, colours):
         present = [c for c in labels.unique().tolist() if c >= 0]
         if not present:
             return photo
@@ -437,7 +462,12 @@ def draw_predictions(out_dir: Path, dataset: EvalSet, predictions: dict, classes
         photo_path, mask_path = dataset.pairs[index]
         photo = torch.from_numpy(np.asarray(load_rgb(photo_path)).copy()).permute(2, 0, 1)
         target = torch.from_numpy(classes.map(read_mask(mask_path)))
-        image = side_by_side(overlay(photo, pred), overlay(photo, target))
+        # colours spread over the classes in this picture only: with 100+ classes a global palette
+        # would give neighbouring regions near-identical hues
+        present = sorted(set(pred.unique().tolist()) | {c for c in target.unique().tolist() if c >= 0})
+        colours = dict(zip(present, palette(len(present))))
+        image = side_by_side(overlay(photo, pred, colours), overlay(photo, target, colours))
+        image = add_legend(image, [(classes.names[c], colours[c]) for c in present])
         path = out_dir / f"{photo_path.stem}.jpg"
         ckpt_io.atomic_write(path, lambda tmp, image=image: image.save(tmp, "JPEG", quality=88))
         written.append(path)
