@@ -173,6 +173,24 @@ def test_stop_mid_epoch_resumes_exactly(shapes, tmp_path, monkeypatch):
         assert torch.equal(whole[k], parts[k]), k
 
 
+def test_torchrun_two_processes_on_cpu(shapes, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.segment",
+         *map(str, [*FAST, *data_flags(shapes)]), "--out", str(out), "--epochs", "2", "--draw", "2"],
+        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # the main process reports
+    summary = json.loads(reports[0])
+    assert summary["world_size"] == 2 and summary["steps"] == 12  # 48 pairs / global batch 8, twice
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    labelled = sum(int((np.asarray(Image.open(m)) != 0).sum()) for m in shapes["val_masks"].iterdir())
+    assert final["labelled_pixels"] == labelled  # every validation image scored once over the two processes
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["s000.jpg", "s001.jpg"]
+
+
 # -- metrics against hand-computed cases --------------------------------------------------------
 def test_confusion_matrix_and_scores_by_hand():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, -1, -1]])

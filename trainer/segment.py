@@ -477,7 +477,8 @@ def draw_predictions(out_dir: Path, dataset: EvalSet, predictions: dict, classes
 # ============================================================================================
 # Training
 # ============================================================================================
-def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True) -> dict:
+def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True) -> dict | None:
+    """Fine-tune and evaluate; returns the summary in the main process (None in the others)."""
     # ---- 1. processes, device, seeds ------------------------------------------------------------
     device_type = resolve_device(cfg["device"])
     dist = init_distributed(device_type)
@@ -630,10 +631,11 @@ def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True
 
     final = history[-1] if history and history[-1]["epoch"] == cfg["epochs"] else None
     summary = {"run": str(out), "epochs": epoch, "steps": step, "stopped": bool(stop.requested),
+               "world_size": dist.world,
                **({k: final[k] for k in ("mean_iou", "pixel_accuracy", "classes_scored", "train_loss")} if final else {})}
     barrier(dist)
     shutdown(dist)
-    return summary
+    return summary if dist.is_main else None
 
 
 def _gather_kept(kept: dict, dist: Dist) -> dict:
@@ -752,7 +754,8 @@ def main(argv=None) -> int:
     except (UsageError, ckpt_io.CheckpointError, ImageDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    if summary is not None:
+        print(json.dumps(summary))
     return 0
 
 
