@@ -221,6 +221,7 @@ def test_classes_file_maps_sparse_ids_and_ignore(tmp_path):
     assert c.ids == [3, 7, 12] and c.names == ["background", "square", "disc"] and c.ignore_index == 0
     raw = np.array([[0, 3, 7], [12, 3, 0]])
     assert c.map(raw).tolist() == [[-1, 0, 1], [2, 0, -1]]
+    assert c.map(np.array([5, 255, 4000])).tolist() == [-2, -2, -2]  # unknown ids (refused up front)
     listed = segment.Classes.load(_write(tmp_path / "l.json", ["sky", "road", "car"]), ignore_index=255)
     assert listed.ids == [0, 1, 2] and listed.map(np.array([255, 2])).tolist() == [-1, 2]
 

@@ -201,8 +201,8 @@ class Classes:
 
     def __init__(self, ids: list[int], names: list[str], ignore_index: int | None):
         self.ids, self.names, self.ignore_index = ids, names, ignore_index
-        size = max([*ids, ignore_index if ignore_index is not None else 0]) + 1
-        self.lut = np.full(max(size, 256), -2, dtype=np.int64)  # -2: not a known id
+        size = max([*ids, ignore_index if ignore_index is not None else 0]) + 2  # the last entry: unknown
+        self.lut = np.full(max(size, 257), -2, dtype=np.int64)  # -2: not a known id
         self.lut[ids] = np.arange(len(ids))
         if ignore_index is not None:
             self.lut[ignore_index] = IGNORE
@@ -665,6 +665,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "and evaluate it by mean IoU and pixel accuracy.",
         epilog="Masks: single-channel PNGs named like their photo (photo.jpg -> photo.png) holding class ids.\n"
                "Classes file: JSON {\"ignore_index\": 0, \"classes\": {\"1\": \"person\", ...}} or [\"name\", ...].\n"
+               "Mean IoU: over the classes present in the validation ground truth or predictions.\n"
+               "RUN/: checkpoint.pt, metrics.json, predictions/*.jpg (prediction | ground truth).\n"
                "Several GPUs: torchrun --nproc_per_node N -m trainer.segment ...")
     p.add_argument("--encoder", help=f"backbone: {ckpt_io.ENCODER_SOURCE_HELP}")
     p.add_argument("--train-images", help="folder of training photos")
@@ -691,7 +693,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {DEFAULTS['workers']})")
     p.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(its settings are kept; --epochs may extend it)")
+                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new total)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
