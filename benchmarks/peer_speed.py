@@ -1,7 +1,36 @@
-"""Training throughput of byolkit's BYOL step against the PyPI package byol-pytorch (lucidrains), on CPU.
+"""byolkit against the other BYOL libraries on PyPI, on CPU: byol-pytorch (lucidrains) and lightly.
+
+Two modes.
+
+Throughput (the default): byolkit's training step against byol-pytorch's, the same network, in
+alternating rounds in one process:
 
     python benchmarks/peer_speed.py --json benchmarks/results/peer_speed_fp32.json
     python benchmarks/peer_speed.py --precision bf16 --json benchmarks/results/peer_speed_bf16.json
+
+kNN under a wall-clock budget (--budget): each library trains the same backbone (the byolkit
+preset's: cpu-quick's resnet18_w16 with the small stem, 24 px, batch 128) on the same training
+images for the same budget with its own documented recipe, one after the other, then the same
+weighted kNN (trainer.knn, k=200, T=0.1; the training split as memory, the test split as
+queries) scores each encoder; training images/s come with it:
+
+    python benchmarks/peer_speed.py --budget 10m --train ../shared/data/cifar10/train.zip \
+        --test ../shared/data/cifar10/test.zip --json peer_knn.json
+
+  byolkit       `python -m trainer.pretrain --preset cpu-quick --time-budget ...` (its process, as a
+                user runs it; decoding into memory is outside the budget, as for the others)
+  byol-pytorch  its README: BYOL(net, image_size, hidden_layer="avgpool") with its defaults
+                (4096-d hidden, 256-d projection, tau 0.99, simplicial embeddings, its own batch
+                augmentation), Adam lr 3e-4, `loss = learner(images)`, update_moving_average(), fp32;
+                random batches of the images decoded once into memory (uint8, as float in [0, 1])
+  lightly       its BYOL example (examples/pytorch/byol.py): BYOLProjectionHead and
+                BYOLPredictionHead (hidden 1024, 256-d), NegativeCosineSimilarity, update_momentum
+                with cosine_schedule(0.996 -> 1) over the budget, SGD lr 0.06, BYOLTransform (no blur)
+                per image in a torch DataLoader over the same in-memory images, fp32
+
+Each encoder is evaluated with the input normalisation it trained with.
+
+Throughput mode in detail:
 
 Both contenders train the same backbone (byolkit's `build_encoder(arch, "small")`: a torchvision
 ResNet with the 3x3 stride-1 stem and no max-pool, identical initial weights) with the same
@@ -247,6 +276,7 @@ def train_byolkit(args, cfg, out: Path) -> tuple[nn.Module, dict]:
     """byolkit: the preset through the real trainer command line, as a user runs it."""
     import shutil
     import subprocess
+
     from trainer.checkpoint import load_encoder
     if out.exists():
         shutil.rmtree(out)
@@ -300,6 +330,7 @@ def train_lightly(args, images: torch.Tensor) -> tuple[nn.Module, dict]:
     BYOLTransform (no blur) applied per image in DataLoader workers. The momentum schedule, laid out
     over epochs in the example, runs over the elapsed share of the time budget here."""
     import copy
+
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
@@ -314,7 +345,6 @@ def train_lightly(args, images: torch.Tensor) -> tuple[nn.Module, dict]:
     deactivate_requires_grad(backbone_momentum)
     deactivate_requires_grad(projection_head_momentum)
     online = nn.ModuleList([backbone, projection_head, prediction_head]).train()
-    momentum_nets = nn.ModuleList([backbone_momentum, projection_head_momentum]).train()
 
     transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=args.image_size, gaussian_blur=0.0),
                               view_2_transform=BYOLView2Transform(input_size=args.image_size, gaussian_blur=0.0))
@@ -361,6 +391,7 @@ def train_lightly(args, images: torch.Tensor) -> tuple[nn.Module, dict]:
 
 def run_knn(args, PeerBYOL, peer_version) -> dict:
     from importlib.metadata import version
+
     from trainer.config import preset
     from trainer.data import decode_all, open_collection
     from trainer.knn import embed, knn_accuracy

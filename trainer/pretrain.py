@@ -412,12 +412,12 @@ class TimeBudget:
         if not self.active:
             return total
         if done == self.FIRST:
-            _sync_device()  # the loop never waits for the device; these two readings must
+            _sync_device()  # the loop never waits for the device: the two clock readings must
             self.t_first = time.perf_counter()
         if done < self.LAST or self.t_first is None:
             return total
         self.active = False
-        _sync_device()
+        _sync_device()  # (once each per run)
         per_step = torch.tensor((time.perf_counter() - self.t_first) / (self.LAST - self.FIRST))
         if dist.enabled:  # every process must agree: plan for the slowest
             torch.distributed.all_reduce(per_step, op=torch.distributed.ReduceOp.MAX)
@@ -479,7 +479,8 @@ class DeferredMetrics:
         self.pending = None
 
     def push(self, record: dict, **scalars: torch.Tensor) -> None:
-        assert self.pending is None, "pop() the previous record first"
+        if self.pending is not None:
+            raise RuntimeError("DeferredMetrics holds one record at a time: pop() the previous one first")
         values = torch.stack([v.reshape(()).float() for v in scalars.values()])
         event = None
         if values.device.type == "cuda":
