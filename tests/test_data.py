@@ -286,3 +286,43 @@ def test_load_rgb_applies_exif_orientation():
     # rotated clockwise: the left edge becomes the top
     arr = np.asarray(out, dtype=np.int16)
     assert arr[:5, :, 2].mean() > 200 and arr[-5:, :, 0].mean() > 200
+
+
+# -- order and labels through worker processes -------------------------------------------------
+@pytest.fixture(scope="module")
+def indexed_folder(tmp_path_factory):
+    """Eleven flat-coloured images in two classes: image i's red channel is 20 * i."""
+    root = tmp_path_factory.mktemp("indexed")
+    for i in range(11):
+        cls = "a" if i % 3 else "b"
+        (root / cls).mkdir(exist_ok=True)
+        Image.new("RGB", (20 + i, 18), (20 * i, 100, 50)).save(root / cls / f"{i:02d}.png")
+    return root
+
+
+def index_of(crops: torch.Tensor) -> list[int]:
+    """Image indices from the red level of flat-coloured crops [..., 3, S, S]."""
+    return (crops[..., 0, :, :].float().mean((-2, -1)) / 20).round().long().flatten().tolist()
+
+
+def test_decode_all_keeps_order_and_labels_with_workers(indexed_folder):
+    c = open_collection(str(indexed_folder))
+    images, labels, skipped = decode_all(c, Preprocessing(12, 12), workers=2, progress=False)
+    assert skipped == 0
+    want = [int(c.name(i).split("/")[-1][:2]) for i in range(len(c))]  # the collection's own order
+    assert index_of(images) == want
+    assert labels.tolist() == c.labels == [0 if i % 3 else 1 for i in want]
+
+
+def test_stream_loader_keeps_the_plan_order_with_workers(indexed_folder):
+    c = open_collection(str(indexed_folder))
+    position_to_image = [int(c.name(i).split("/")[-1][:2]) for i in range(len(c))]
+    plan = BatchPlan(len(c), 3, seed=7)
+    loader = stream_loader(c, plan, 8, byol_views(), seed=7, start_step=2, total_steps=9, workers=2,
+                           pin_memory=False)
+    got = list(loader)
+    assert len(got) == 7  # steps 2..8, across epoch boundaries (3 steps per epoch)
+    for step, (batch, skipped) in zip(range(2, 9), got, strict=True):
+        assert skipped == 0 and batch.shape == (3, 2, 3, 8, 8)
+        want = [position_to_image[i] for i in plan.indices(step).tolist()]
+        assert index_of(batch[:, 0]) == want and index_of(batch[:, 1]) == want  # both views, same image

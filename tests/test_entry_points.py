@@ -76,5 +76,10 @@ def test_gpu_benchmark_script_runs_tiny_on_cpu(train_test_folders, tmp_path):
     run("benchmarks/gpu_pretrain.py", "--tiny", "--cifar-train", train, "--cifar-test", test, "--json", out)
     result = json.loads(out.read_text())
     assert result["resnet50_224"]["images_per_s"] > 0
+    assert result["resnet50_224_stream"]["images_per_s"] > 0
+    assert 0 <= result["resnet50_224_stream"]["data_wait_fraction"] <= 1
+    step = result["resnet50_224_step"]
+    assert step["flops_per_step"] > 0 and set(step["phases_ms"]) >= {"data", "forward", "backward", "ema"}
+    assert step["mfu"] is None  # no peak FLOPs for a CPU
     assert result["cifar10_resnet18"]["steps"] == 2
     assert 0 <= result["cifar10_resnet18"]["final_knn_top1"] <= 1

@@ -39,3 +39,29 @@ def test_peer_speed_without_byol_pytorch(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "byol-pytorch is not importable" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_peer_knn_mode_tiny(image_zip, tmp_path):
+    """The kNN mode: three libraries' recipes for the same (tiny) budget, then the same kNN."""
+    out = tmp_path / "knn.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--budget", "1.5", "--tiny", "--batch-size", "8",
+                           "--workers", "0", "--train", str(image_zip), "--test", str(image_zip),
+                           "--out", str(tmp_path / "runs"), "--json", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"random_init", "byolkit", "byol-pytorch", "lightly"}
+    for name in ("byolkit", "byol-pytorch", "lightly"):
+        r = result["results"][name]
+        assert r["steps"] > 0 and r["images_per_s"] > 0 and r["train_seconds"] >= 1.5 * 0.9
+        assert 0 <= r["knn"]["top1"] <= r["knn"]["top5"] <= 1 and r["recipe"]
+    assert result["data"]["train_images"] == 18 and result["data"]["image_size"] == 16
+    assert result["versions"]["lightly"] and result["versions"]["byol-pytorch"]
+    assert "kNN top-1" in proc.stdout
+
+
+def test_peer_knn_mode_needs_labelled_data(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--budget", "1", "--train", str(tmp_path / "nope.zip"),
+                           "--test", str(tmp_path / "nope.zip")], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -115,3 +115,28 @@ def test_torchrun_two_processes_on_cpu(images, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert (out / "encoder.safetensors").is_file()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_deferred_metrics_reads_device_scalars_one_interval_later(device):
+    from trainer.pretrain import DeferredMetrics, _projection_std
+    logged = DeferredMetrics()
+    assert logged.pop() is None
+    z = torch.tensor([[3.0, 4.0], [4.0, 3.0], [0.0, 5.0]], device=device)
+    logged.push({"step": 10, "lr": 0.5}, loss=torch.tensor(1.25, device=device), projection_std=_projection_std(z))
+    with pytest.raises(RuntimeError, match="one record at a time"):
+        logged.push({"step": 20}, loss=torch.tensor(0.0))  # one record in flight at a time
+    record = logged.pop()
+    want_std = torch.nn.functional.normalize(z.cpu(), dim=1).std(0).mean().item()
+    assert record == {"step": 10, "lr": 0.5, "loss": 1.25, "projection_std": pytest.approx(want_std)}
+    assert logged.pop() is None
+
+
+def test_profile_switch_writes_a_trace(images, tmp_path):
+    trace_dir = tmp_path / "trace"
+    cli(*SMALL, "--data", images, "--out", tmp_path / "run", "--max-steps", 10, "--profile", trace_dir)
+    traces = list(trace_dir.glob("*.pt.trace.json*"))
+    assert len(traces) == 1
+    text = traces[0].read_text()
+    assert "ProfilerStep#" in text and "aten::convolution" in text  # the training steps, recorded

@@ -197,7 +197,12 @@ class BatchPlan:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             # Kept on the training device: slicing it then needs no host-to-device copy per step.
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
+            # Once an epoch it is copied there from pinned memory without blocking: a pageable
+            # copy would wait for all the device work queued so far.
+            perm = torch.randperm(self.n, generator=g)
+            if self.device.type == "cuda":
+                perm = perm.pin_memory()
+            self._epoch, self._perm = epoch, perm.to(self.device, non_blocking=True)
         start = k * self.global_batch + self.rank * self.local_batch
         return self._perm[start:start + self.local_batch]
 
@@ -290,6 +295,9 @@ def stream_loader(collection: ImageCollection, plan: BatchPlan, size: int, views
                   start_step: int, total_steps: int, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(TwoViewCrops(collection, size, views, seed),
                       batch_sampler=_PlanSampler(plan, start_step, total_steps), num_workers=workers,
+                      # one iterator spans the whole run (the sampler yields every remaining step), so
+                      # the workers live for the run: persistent_workers would change nothing; each
+                      # keeps prefetch_factor batches decoded ahead of the training loop
                       collate_fn=collate_crops, pin_memory=pin_memory, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None,
                       # its own generator: creating the loader must not draw from the global RNG,

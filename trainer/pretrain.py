@@ -241,6 +241,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
                               progress and dist.is_main)
 
     def save(step: int):
+        write_logged()  # a checkpoint synchronises anyway: the metrics it covers go to disk before it
         if not dist.is_main:
             return
         ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict(),
@@ -263,6 +264,24 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": 0}
     last_loss = float("nan")
+    logged = DeferredMetrics()
+
+    def write_logged():
+        """Writes the record whose device values were queued one log interval ago (they are long
+        copied by now, so reading them does not stall the device)."""
+        nonlocal last_loss
+        record = logged.pop()
+        if record is None:
+            return
+        last_loss = record["loss"]
+        if dist.is_main:
+            _write_metrics(metrics_file, writer, record)
+            bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
+                            lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
+            if record["projection_std"] < 0.1 / math.sqrt(cfg.model.projection_dim):
+                log(dist, f"warning: step {record['step']}: the representation looks collapsed (per-dimension "
+                          f"std of normalised projections {record['projection_std']:.2e}); lower the LR or "
+                          f"raise tau")
     byol.train()
     budget.start()
     step = start_step
@@ -312,22 +331,17 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
                 bar.total = total_steps
                 log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
 
-        # -- logging (the only host synchronisation, every log_every steps)
+        # -- logging without host synchronisation: the loss and projection spread are queued as a
+        #    non-blocking copy to host memory and written out at the next log step (or checkpoint)
         if done % cfg.run.log_every == 0 or done == total_steps:
-            last_loss = all_reduce_mean(loss.detach().float(), dist).item()
             elapsed = time.perf_counter() - window["t0"]
-            record = {"step": done, "epoch": done / plan.steps_per_epoch, "loss": last_loss,
+            record = {"step": done, "epoch": done / plan.steps_per_epoch,
                       "lr": float(lr_at[step]), "tau": float(tau_at[done]),
                       "images_per_s": window["steps"] * cfg.optim.batch_size / elapsed,
-                      "data_wait": window["data"] / elapsed,
-                      "projection_std": _projection_std(projection), "skipped_images": window["skipped"]}
-            if dist.is_main:
-                _write_metrics(metrics_file, writer, record)
-                bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
-                                lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
-                if record["projection_std"] < 0.1 / math.sqrt(cfg.model.projection_dim):
-                    log(dist, f"warning: step {done}: the representation looks collapsed (per-dimension std of "
-                              f"normalised projections {record['projection_std']:.2e}); lower the LR or raise tau")
+                      "data_wait": window["data"] / elapsed, "skipped_images": window["skipped"]}
+            write_logged()
+            logged.push(record, loss=all_reduce_mean(loss.detach().float(), dist),
+                        projection_std=_projection_std(projection))
             window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": window["skipped"]}
         if dist.is_main:
             bar.update(1)
@@ -345,6 +359,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         if stop.requested:
             log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
             break
+    write_logged()
     bar.close()
     if profiler:
         profiler.stop()
@@ -397,15 +412,22 @@ class TimeBudget:
         if not self.active:
             return total
         if done == self.FIRST:
+            _sync_device()  # the loop never waits for the device: the two clock readings must
             self.t_first = time.perf_counter()
         if done < self.LAST or self.t_first is None:
             return total
         self.active = False
+        _sync_device()  # (once each per run)
         per_step = torch.tensor((time.perf_counter() - self.t_first) / (self.LAST - self.FIRST))
         if dist.enabled:  # every process must agree: plan for the slowest
             torch.distributed.all_reduce(per_step, op=torch.distributed.ReduceOp.MAX)
         fits = done + int((self.seconds - self.elapsed()) / per_step.item())
         return max(done + 1, min(total, fits))
+
+
+def _sync_device() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class KnnMonitor:
@@ -440,8 +462,43 @@ class KnnMonitor:
                             self.num_classes, self.cfg.run.knn_k, self.cfg.run.knn_temperature)
 
 
-def _projection_std(z: torch.Tensor) -> float:
-    return torch.nn.functional.normalize(z.float(), dim=1).std(0).mean().item()
+def _projection_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of the L2-normalised projections (a 0-d tensor; ~1/sqrt(d) when healthy)."""
+    return torch.nn.functional.normalize(z.detach().float(), dim=1).std(0).mean()
+
+
+class DeferredMetrics:
+    """One log record whose device scalars are being copied to host memory without waiting.
+
+    push() stacks the scalars and starts a non-blocking copy into pinned memory (CUDA) with an
+    event behind it; pop() waits on that event, which by the next log step has long fired, so
+    the training loop never stalls the device for its logs. On CPU the values are already there.
+    """
+
+    def __init__(self):
+        self.pending = None
+
+    def push(self, record: dict, **scalars: torch.Tensor) -> None:
+        if self.pending is not None:
+            raise RuntimeError("DeferredMetrics holds one record at a time: pop() the previous one first")
+        values = torch.stack([v.reshape(()).float() for v in scalars.values()])
+        event = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.pending = (record, list(scalars), values, event)
+
+    def pop(self) -> dict | None:
+        if self.pending is None:
+            return None
+        record, names, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return {**record, **dict(zip(names, values.tolist(), strict=True))}
 
 
 def _write_metrics(f, writer, record: dict) -> None:
