@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from trainer import detect
-from trainer.downstream import (freeze_batchnorm, prepare_resnet, stage_channels, warmup_multistep,
-                                write_shapes_coco)
+from trainer.downstream import freeze_batchnorm, prepare_resnet, stage_channels, warmup_multistep, write_shapes_coco
 from trainer.models import build_encoder
 
 # A narrow ResNet-18 on 64 px shapes, upscaled to 128 px so that the stride-4 level sees them well.
@@ -108,19 +107,19 @@ def result(image_id, box, score, cat=7):
 
 def test_metrics_perfect_and_empty():
     perfect = [result(1, [10, 10, 40, 40], 0.9), result(2, [50, 50, 30, 30], 0.8)]
-    assert detect.coco_metrics(GT, perfect) == {"mAP": 1.0, "AP50": 1.0, "AP75": 1.0}
+    assert detect.coco_metrics(GT, perfect) == pytest.approx({"mAP": 1.0, "AP50": 1.0, "AP75": 1.0})
     assert detect.coco_metrics(GT, []) == {"mAP": 0.0, "AP50": 0.0, "AP75": 0.0}
     # the right boxes under the wrong class score nothing
     assert detect.coco_metrics(GT, [{**r, "category_id": 9} for r in perfect])["AP50"] == 0.0
 
 
 def test_metrics_iou_thresholds():
-    # a 40x40 box shifted 8 px right: IoU = 32*40 / (2*1600 - 32*40) = 1280/1920 = 0.667, which matches at
-    # IoU 0.50, 0.55, 0.60 and 0.65 but not 0.70-0.95: mAP = 4/10 (image 2 found exactly: AP 1 there... but
-    # the recall of category 7 pools both images, so leave image 2 out of the ground truth here)
+    # one object, found by a 40x40 box shifted 8 px: IoU = 32*40 / (2*1600 - 32*40) = 1280/1920 = 0.667,
+    # a hit at the IoU thresholds 0.50, 0.55, 0.60 and 0.65 (AP 1 each), a miss at 0.70-0.95 (AP 0):
+    # AP50 = 1, AP75 = 0, mAP = 4/10
     gt = {**GT, "annotations": GT["annotations"][:1], "images": GT["images"][:1]}
     metrics = detect.coco_metrics(gt, [result(1, [18, 10, 40, 40], 0.9)])
-    assert metrics["AP50"] == 1.0 and metrics["AP75"] == 0.0
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP75"] == 0.0
     assert metrics["mAP"] == pytest.approx(0.4)
 
 
@@ -265,3 +264,22 @@ def test_usage_errors(shapes, tmp_path, capsys):
     assert rc == 2 and "--train-images is required" in capsys.readouterr().err
     rc, err = run_bad(*shapes, tmp_path, capsys, extra=["--encoder", str(tmp_path / "nope")])
     assert rc == 2 and "no encoder or checkpoint" in err
+
+
+def test_gpu_detect_script_runs_tiny_on_cpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "tiny.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_detect.py", "--tiny", "--out", str(tmp_path / "runs"),
+                           "--json", str(out)], capture_output=True, text=True, cwd=root, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())["detection"]
+    assert result["random"]["encoder"].startswith("random:") and result["byol"]["encoder"].endswith(".safetensors")
+    # same architecture, different weights: the random side really is re-initialised
+    assert result["byol"]["fingerprint"] != result["random"]["fingerprint"]
+    for side in ("byol", "random"):
+        assert 0.0 <= result[side]["mAP"] <= result[side]["AP50"] <= 1.0
+        assert len(result[side]["epoch_losses"]) == 1

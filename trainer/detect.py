@@ -22,6 +22,8 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,9 +36,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
 from .distributed import Dist, barrier, init_distributed, shutdown
-from .downstream import (NORM_CHOICES, UsageError, check_norm_for_device, check_resume_args, default_norm,
-                         default_trainable_layers, draw_predictions, epoch_batches, palette, prepare_resnet,
-                         resnet_fpn, steps_per_epoch, warmup_multistep, wrap_distributed, write_json)
+from .downstream import (
+    NORM_CHOICES,
+    UsageError,
+    check_norm_for_device,
+    check_resume_args,
+    default_norm,
+    default_trainable_layers,
+    draw_predictions,
+    epoch_batches,
+    palette,
+    prepare_resnet,
+    resnet_fpn,
+    steps_per_epoch,
+    warmup_multistep,
+    wrap_distributed,
+    write_json,
+)
 from .preprocess import MAX_PIXELS
 
 
@@ -713,12 +729,18 @@ def main(argv=None) -> int:
         elif (out / ckpt_io.CHECKPOINT_NAME).exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
         settings = resolve_settings(args, state["config"] if state else None)
-        summary = train(settings, out, resume_state=state, progress=not args.no_progress,
-                        stop_after_steps=args.stop_after_steps)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            summary = train(settings, out, resume_state=state, progress=not args.no_progress,
+                            stop_after_steps=args.stop_after_steps)
+        finally:  # train() catches Ctrl-C to checkpoint; give it back to the caller afterwards
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     except (UsageError, DataError, TrainingError, ckpt_io.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line, from the main process
+        print(json.dumps(summary))
     return 0
 
 
