@@ -28,9 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# full fine-tuning on both sides; sizes for ~2-3 minutes a run on two CPU cores at 256 px
+# full fine-tuning on both sides; sized for ~3-4 minutes a run on two CPU cores at 224 px
 CPU_DETECTION_SCHEDULE = ["--epochs", "6", "--batch-size", "4", "--lr", "0.02", "--warmup-steps", "20",
-                          "--min-size", "256", "--max-size", "384", "--anchor-sizes", "16,32,64,128,256",
+                          "--min-size", "224", "--max-size", "320", "--anchor-sizes", "16,32,64,128,256",
                           "--fpn-channels", "128", "--head-size", "256", "--rois-per-image", "128",
                           "--trainable-layers", "5", "--norm", "bn", "--device", "cpu", "--workers", "1"]
 
