@@ -1,0 +1,241 @@
+"""What detection and segmentation fine-tuning share: the ResNet backbone built from an encoder
+source (norm layers, trainable stages), the per-step schedule, the deterministic epoch order that
+makes a resume exact, atomic JSON, and drawing predictions over photos.
+
+Kept small on purpose: each task's script (trainer.detect, trainer.segment) owns its data, model
+head, metrics and loop, in the style of torchvision's references.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt_io
+
+NORM_CHOICES = ("frozen", "sync", "bn")
+# torchvision's convention for --trainable-layers: the last N of these are trained, the rest frozen
+STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+class UsageError(ValueError):
+    """A bad command line or input, reported as one line before any work starts."""
+
+
+# ============================================================================================
+# The backbone
+# ============================================================================================
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d becomes a FrozenBatchNorm2d holding the same statistics and affine terms."""
+    from torchvision.ops import FrozenBatchNorm2d
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def stage_channels(resnet: nn.Module) -> list[int]:
+    """Output channels of layer1..layer4 (narrow ResNets included): the last convolution of each stage."""
+    out = []
+    for i in range(1, 5):
+        convs = [m for m in getattr(resnet, f"layer{i}")[-1].modules() if isinstance(m, nn.Conv2d)]
+        out.append(convs[-1].out_channels)
+    return out
+
+
+def prepare_resnet(resnet: nn.Module, trainable_layers: int, norm: str) -> nn.Module:
+    """Apply the norm mode and freeze all but the last `trainable_layers` stages (0-5, torchvision's rule).
+
+    norm: "frozen" (statistics and affine terms fixed, the usual choice for a pretrained backbone
+    with small per-device batches), "bn" (ordinary BatchNorm, trained), "sync" (BatchNorm
+    synchronised over torchrun processes; converted by `wrap_distributed`).
+    """
+    if not 0 <= trainable_layers <= 5:
+        raise UsageError(f"--trainable-layers must be 0-5, got {trainable_layers}")
+    if norm not in NORM_CHOICES:
+        raise UsageError(f"--norm must be one of {', '.join(NORM_CHOICES)}, got {norm!r}")
+    if norm == "frozen":
+        freeze_batchnorm(resnet)
+    train = set(STAGES[:trainable_layers])
+    if "conv1" in train:
+        train.add("bn1")
+    for name, p in resnet.named_parameters():
+        p.requires_grad_(name.split(".")[0] in train)
+    return resnet
+
+
+def resnet_fpn(resnet: nn.Module, out_channels: int = 0):
+    """torchvision's BackboneWithFPN over layer1..layer4 of a byolkit encoder (P2-P5 plus a max-pooled P6).
+
+    out_channels 0: 256, or the last stage's width when that is narrower (narrow ResNet-18s).
+    """
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    in_channels = stage_channels(resnet)
+    out_channels = out_channels or min(256, in_channels[-1])
+    return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, in_channels, out_channels)
+
+
+def wrap_distributed(model: nn.Module, norm: str, dist, device: torch.device) -> nn.Module:
+    """DDP under torchrun, with SyncBatchNorm when asked (CUDA only: torch has no CPU SyncBN)."""
+    if not dist.enabled:
+        return model
+    if norm == "sync":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model.to(device),
+                                               device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def check_norm_for_device(norm: str, dist, device_type: str) -> None:
+    if norm == "sync" and dist.enabled and device_type != "cuda":
+        raise UsageError("--norm sync needs CUDA processes (torch has no CPU SyncBatchNorm); use bn or frozen")
+
+
+def default_trainable_layers(source_kind: str) -> int:
+    """3 stages for a pretrained backbone (torchvision's default); all 5 for a random one."""
+    return 5 if source_kind == "random" else 3
+
+
+def default_norm(source_kind: str) -> str:
+    """Frozen statistics for a pretrained backbone; a random one has no statistics worth freezing."""
+    return "bn" if source_kind == "random" else "frozen"
+
+
+# ============================================================================================
+# Schedule, epoch order, resume
+# ============================================================================================
+def warmup_multistep(base_lr: float, total_steps: int, warmup_steps: int,
+                     milestones=(2 / 3, 8 / 9), gamma: float = 0.1, warmup_factor: float = 1e-3) -> np.ndarray:
+    """Per-step LR of the detection references: linear warmup, then x0.1 at 2/3 and 8/9 of training."""
+    steps = np.arange(total_steps + 1, dtype=np.float64)
+    lr = np.full_like(steps, base_lr)
+    for m in milestones:
+        lr[steps >= int(m * total_steps)] *= gamma
+    if warmup_steps > 0:
+        ramp = warmup_factor + (1 - warmup_factor) * np.minimum(steps / warmup_steps, 1.0)
+        lr *= ramp
+    return lr
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  shuffle: bool = True) -> list[list[int]]:
+    """This process's batches of epoch `epoch`: a function of (seed, epoch) only, so a resumed run
+    sees exactly the order the uninterrupted one would have (DistributedSampler's sharding)."""
+    from torch.utils.data import DistributedSampler
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    return math.ceil(math.ceil(n / world) / batch_size)
+
+
+def write_json(path: Path, obj) -> None:
+    ckpt_io.atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def check_resume_args(saved: dict, given: dict, never_changed: tuple[str, ...]) -> None:
+    """Refuse a resume that would silently change the run: an explicitly given setting must match."""
+    for key in never_changed:
+        if given.get(key) is not None and saved.get(key) != given[key]:
+            raise UsageError(f"cannot change --{key.replace('_', '-')} when resuming "
+                             f"(the run has {saved.get(key)!r}, asked for {given[key]!r})")
+
+
+# ============================================================================================
+# Drawing
+# ============================================================================================
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """n well-separated colours (golden-ratio hues), the same for a class in every image."""
+    import colorsys
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 1.0)) for i in range(n)]
+
+
+def draw_predictions(image: torch.Tensor, path: Path, boxes=None, labels: list[str] | None = None,
+                     colours=None, masks=None) -> Path:
+    """uint8 [3, H, W] photo + boxes (xyxy) with captions and/or boolean masks [N, H, W] -> a JPEG."""
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    out = image
+    if masks is not None and len(masks):
+        out = draw_segmentation_masks(out, masks.bool(), alpha=0.45, colors=colours)
+    if boxes is not None and len(boxes):
+        out = draw_bounding_boxes(out, boxes, labels=labels, colors=colours, width=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_io.atomic_write(path, lambda tmp: Image.fromarray(out.permute(1, 2, 0).numpy()).save(tmp, format="JPEG",
+                                                                                             quality=90))
+    return path
+
+
+# ============================================================================================
+# Generated data: shapes on noise, with COCO boxes and instance masks (tests, demos, --tiny runs)
+# ============================================================================================
+SHAPE_CLASSES = ("square", "disk", "triangle")
+
+
+def write_shapes_coco(folder: Path, count: int, size: int = 64, seed: int = 0, masks: bool = True,
+                      max_objects: int = 3) -> tuple[Path, Path]:
+    """Write `count` noisy size x size photos with 1-`max_objects` solid shapes each, and their COCO
+    instances JSON (boxes, and polygon masks when `masks`). Returns (images folder, annotation file).
+
+    Each class has its own shape and colour, so a detector can separate them after a short run;
+    category ids start at 3 and skip one, as real COCO files do not number 1..K.
+    """
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    img_dir = folder / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    colours = ((230, 40, 40), (40, 200, 60), (50, 80, 240))
+    cat_ids = [3 + 2 * k for k in range(len(SHAPE_CLASSES))]
+    images, anns = [], []
+    for i in range(count):
+        noise = rng.normal(110, 35, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(noise)
+        draw = ImageDraw.Draw(image)
+        taken = []
+        for _ in range(int(rng.integers(1, max_objects + 1))):
+            for _attempt in range(20):  # shapes do not overlap, so boxes and masks stay exact
+                s = int(rng.integers(size // 5, size // 2.5))
+                x, y = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
+                if all(x + s <= a or a + b <= x or y + s <= c or c + b <= y for a, c, b in taken):
+                    break
+            else:
+                continue
+            taken.append((x, y, s))
+            k = int(rng.integers(len(SHAPE_CLASSES)))
+            if SHAPE_CLASSES[k] == "square":
+                poly = [x, y, x + s, y, x + s, y + s, x, y + s]
+            elif SHAPE_CLASSES[k] == "triangle":
+                poly = [x + s / 2, y, x + s, y + s, x, y + s]
+            else:  # a 16-gon: a disk whose polygon is exactly what is drawn
+                t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+                poly = np.stack([x + s / 2 + s / 2 * np.cos(t), y + s / 2 + s / 2 * np.sin(t)], 1).ravel().tolist()
+            draw.polygon(poly, fill=colours[k])
+            xs, ys = poly[0::2], poly[1::2]
+            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": cat_ids[k], "bbox": box,
+                   "area": box[2] * box[3], "iscrowd": 0}
+            if masks:
+                ann["segmentation"] = [[float(v) for v in poly]]
+            anns.append(ann)
+        name = f"{i:05d}.png"
+        image.save(img_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    ann_path = folder / "instances.json"
+    ann_path.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, SHAPE_CLASSES)]}))
+    return img_dir, ann_path
