@@ -48,6 +48,7 @@ from .downstream import (
     palette,
     prepare_resnet,
     resnet_fpn,
+    resolve_device,
     steps_per_epoch,
     warmup_multistep,
     wrap_distributed,
@@ -494,9 +495,7 @@ def train(settings: dict, out: Path, resume_state: dict | None = None, progress:
           stop_after_steps: int | None = None) -> dict:
     s = settings
     # ---- 1. processes, device, seeds ----------------------------------------------------------
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if s["device"] == "auto" else s["device"]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    device_type = resolve_device(s["device"])
     dist = init_distributed(device_type)
     device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
     if s["batch_size"] % dist.world:

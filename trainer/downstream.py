@@ -1,6 +1,6 @@
 """What detection and segmentation fine-tuning share: the ResNet backbone built from an encoder
-source (norm layers, trainable stages), the per-step schedule, the deterministic epoch order that
-makes a resume exact, atomic JSON, and drawing predictions over photos.
+source (norm layers, trainable stages, strides turned into dilations), the per-step schedule, the
+deterministic epoch order that makes a resume exact, atomic JSON, and drawing predictions.
 
 Kept small on purpose: each task's script (trainer.detect, trainer.segment) owns its data, model
 head, metrics and loop, in the style of torchvision's references.
@@ -26,6 +26,14 @@ class UsageError(ValueError):
     """A bad command line or input, reported as one line before any work starts."""
 
 
+def resolve_device(want: str) -> str:
+    """--device auto|cpu|cuda -> the device type to run on; cuda without a GPU is a usage error."""
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return device_type
+
+
 # ============================================================================================
 # The backbone
 # ============================================================================================
@@ -43,6 +51,31 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         else:
             freeze_batchnorm(child)
     return module
+
+
+def dilate_resnet(net: nn.Module, replace_stride_with_dilation=(False, True, True)) -> nn.Module:
+    """Turn the strides of layer2-4 into dilations as torchvision's ResNet(replace_stride_with_dilation=...)
+    builds them, on an already-built network, in place; the weights are untouched.
+
+    torchvision's BasicBlock refuses dilation at construction, so ResNet-18/34 (and the narrow ones)
+    cannot be built dilated; converting afterwards works for both block types. As in torchvision, the
+    first block of a dilated stage keeps the previous dilation (with stride 1) and the others get the
+    new one; in a BasicBlock both 3x3 convolutions take the block's dilation.
+    """
+    dilation = 1
+    for name, dilate in zip(("layer2", "layer3", "layer4"), replace_stride_with_dilation):
+        layer = getattr(net, name)
+        if not dilate:
+            continue
+        previous, dilation = dilation, dilation * 2
+        for i, block in enumerate(layer):
+            d = previous if i == 0 else dilation
+            for module in block.modules():
+                if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+                    module.stride, module.dilation, module.padding = (1, 1), (d, d), (d, d)
+                elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+                    module.stride = (1, 1)  # the downsample shortcut
+    return net
 
 
 def stage_channels(resnet: nn.Module) -> list[int]:
@@ -158,9 +191,10 @@ def check_resume_args(saved: dict, given: dict, never_changed: tuple[str, ...]) 
 # Drawing
 # ============================================================================================
 def palette(n: int) -> list[tuple[int, int, int]]:
-    """n well-separated colours (golden-ratio hues), the same for a class in every image."""
+    """n well-separated colours (golden-angle hues, alternating brightness), the same for every call."""
     import colorsys
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 1.0)) for i in range(n)]
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, (0.95, 0.7)[i % 2]))
+            for i in range(n)]
 
 
 def draw_predictions(image: torch.Tensor, path: Path, boxes=None, labels: list[str] | None = None,

@@ -44,43 +44,15 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .distributed import Dist, all_reduce_mean, barrier, init_distributed, shutdown
+from .downstream import UsageError, dilate_resnet, palette, resolve_device, write_json
 from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, normalize_unit_tensor
 from .pretrain import Stop, log
 
 
-class UsageError(ValueError):
-    """A bad command line or input, reported as one line before any work starts."""
-
-
 # ============================================================================================
-# Shared with detection (candidates for trainer/downstream.py): backbone, checkpoint/resume
-# skeleton, drawing. Nothing here knows about masks.
+# The backbone, checkpoint/resume skeleton and drawing of this task (the parts shared with
+# detection live in trainer.downstream)
 # ============================================================================================
-def dilate_resnet(net: nn.Module, replace_stride_with_dilation=(False, True, True)) -> nn.Module:
-    """Turn the strides of layer2-4 into dilations as torchvision's ResNet(replace_stride_with_dilation=...)
-    builds them, on an already-built network, in place; the weights are untouched.
-
-    torchvision's BasicBlock refuses dilation at construction, so ResNet-18/34 (and the narrow ones)
-    cannot be built dilated; converting afterwards works for both block types. As in torchvision, the
-    first block of a dilated stage keeps the previous dilation (with stride 1) and the others get the
-    new one; in a BasicBlock both 3x3 convolutions take the block's dilation.
-    """
-    dilation = 1
-    for name, dilate in zip(("layer2", "layer3", "layer4"), replace_stride_with_dilation):
-        layer = getattr(net, name)
-        if not dilate:
-            continue
-        previous, dilation = dilation, dilation * 2
-        for i, block in enumerate(layer):
-            d = previous if i == 0 else dilation
-            for module in block.modules():
-                if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-                    module.stride, module.dilation, module.padding = (1, 1), (d, d), (d, d)
-                elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
-                    module.stride = (1, 1)  # the downsample shortcut
-    return net
-
-
 def backbone_info(info: dict) -> dict:
     """What a run must remember to rebuild its backbone without the encoder source (JSON-able)."""
     return {"arch": info["arch"], "stem": info["stem"], "embedding_dim": int(info["embedding_dim"]),
@@ -98,22 +70,6 @@ def open_backbone(spec: str | None, seed: int, saved: dict | None = None, dilate
         encoder, raw = ckpt_io.open_encoder(spec, seed)
         info = backbone_info(raw)
     return dilate_resnet(encoder, dilate), info
-
-
-def stage_channels(arch: str, embedding_dim: int) -> dict:
-    """Channels out of layer3 and layer4 (layer3 has half of layer4's in every torchvision ResNet)."""
-    return {"layer3": embedding_dim // 2, "layer4": embedding_dim}
-
-
-def write_json(path: Path, obj) -> None:
-    ckpt_io.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
-
-
-def resolve_device(want: str) -> str:
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return device_type
 
 
 def epoch_indices(sampler, epoch: int, start: int = 0) -> list[int]:
@@ -146,13 +102,6 @@ def load_run(out: Path, kind: str) -> dict:
     if state["config"].get("task") != kind:
         raise UsageError(f"{out} holds a {state['config'].get('task', 'pretraining')!r} run, not a {kind} run")
     return state
-
-
-def palette(n: int) -> list[tuple[int, int, int]]:
-    """n well-separated colours (golden-angle hues, alternating brightness), the same for every call."""
-    import colorsys
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, (0.95, 0.7)[i % 2]))
-            for i in range(n)]
 
 
 def side_by_side(*panels: torch.Tensor, gap: int = 8) -> Image.Image:
@@ -392,7 +341,7 @@ def build_model(backbone: nn.Module, info: dict, head: str, num_classes: int) ->
     from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
     from torchvision.models.segmentation.fcn import FCN, FCNHead
     features = IntermediateLayerGetter(backbone, return_layers={"layer4": "out"})
-    channels = stage_channels(info["arch"], info["embedding_dim"])["layer4"]
+    channels = info["embedding_dim"]  # layer4's output is the embedding
     if head == "deeplabv3":
         return DeepLabV3(features, DeepLabHead(channels, num_classes))
     return FCN(features, FCNHead(channels, num_classes))
