@@ -8,10 +8,11 @@ Each task is one function that fine-tunes twice under the same schedule, once fr
 once from `random:<encoder>` (same architecture, stem and normalisation, fresh weights, same seed
 for everything else), train2017 -> val2017, and returns both runs' metrics and wall-clock times:
   detection: `python -m trainer.detect` (Faster R-CNN, ResNet-FPN; COCO mAP@[.5:.95], AP50, AP75).
-A segmentation task (`trainer.segment`, mIoU) plugs in as another entry of TASKS.
+Segmentation (`trainer.segment`, mIoU) has its own script, benchmarks/segment_coco.py.
 
-The schedule is a short CPU one (a few minutes a run): full fine-tuning (all stages, BatchNorm
-trained) for both backbones, so the only difference is the initial weights.
+The schedule is a short CPU one (a few minutes a run at the default 6 epochs; --epochs for a
+longer one): full fine-tuning (all stages, BatchNorm trained) for both backbones, so the only
+difference is the initial weights.
 """
 from __future__ import annotations
 
@@ -77,7 +78,16 @@ def detection(encoder: str, coco: Path, out: Path, schedule: list[str], draw: in
     return result
 
 
-TASKS = {"detection": lambda args: detection(args.encoder, Path(args.coco), Path(args.out), CPU_DETECTION_SCHEDULE)}
+def with_epochs(schedule: list[str], epochs: int | None) -> list[str]:
+    """The schedule with its --epochs replaced (the LR milestones are fractions of the run)."""
+    if epochs is None:
+        return schedule
+    i = schedule.index("--epochs")
+    return [*schedule[:i + 1], str(epochs), *schedule[i + 2:]]
+
+
+TASKS = {"detection": lambda args: detection(args.encoder, Path(args.coco), Path(args.out),
+                                             with_epochs(CPU_DETECTION_SCHEDULE, args.epochs))}
 
 
 def machine() -> dict:
@@ -92,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--coco", required=True, help="the coco256 folder (images/, annotations/)")
     p.add_argument("--out", required=True, help="scratch folder for the runs (replaced)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--epochs", type=int, help="training epochs of every task (default: the CPU schedule's 6)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of: {', '.join(TASKS)}")
     args = p.parse_args(argv)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
