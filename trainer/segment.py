@@ -45,7 +45,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .distributed import Dist, all_reduce_mean, barrier, init_distributed, shutdown
 from .downstream import UsageError, dilate_resnet, palette, resolve_device, write_json
-from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, normalize_unit_tensor
+from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
 from .pretrain import Stop, log
 
 
@@ -322,9 +322,7 @@ class EvalSet(torch.utils.data.Dataset):
     def __getitem__(self, index):
         photo_path, mask_path = self.pairs[index]
         photo = load_rgb(photo_path)
-        w, h = photo.size
-        scale = self.base / min(w, h)
-        photo = photo.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        photo = resize_shorter_side(photo, self.base)  # the contract's resize step, at --base-size
         target = self.classes.map(read_mask(mask_path))
         return torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1), torch.from_numpy(target), index
 
@@ -381,7 +379,7 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, num_classes
     share = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world))  # each image once
     loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=workers)
     for photo, target, index in tqdm(loader, desc="evaluating", unit="img", disable=not progress, leave=False):
-        x = normalize_unit_tensor(photo[None].to(device).float() / 255.0, pre.mean, pre.std)
+        x = pre.normalize_tensor(photo[None].to(device))
         logits = model(x)["out"]
         logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
         pred = logits.argmax(1)[0].cpu()
@@ -530,7 +528,7 @@ def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True
         for photos, targets in loader:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at[step]
-            x = normalize_unit_tensor(photos.to(device, non_blocking=True).float() / 255.0, pre.mean, pre.std)
+            x = pre.normalize_tensor(photos.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             logits = model(x)["out"]
             valid = (targets >= 0).sum().clamp(min=1)
