@@ -152,13 +152,13 @@ class TorchvisionCollection(ImageCollection):
 
 
 class SubsetCollection(ImageCollection):
-    """Some of another collection's images (by index), with their labels."""
+    """Some images of a collection, by index, with their labels and names."""
 
     def __init__(self, base: ImageCollection, indices: list[int]):
-        self.base, self.indices = base, indices
+        self.base, self.indices = base, list(indices)
         self.classes = base.classes
-        self.labels = [base.labels[i] for i in indices] if base.labels is not None else None
-        self.description = f"{len(indices)} of {base.description}"
+        self.labels = [base.labels[i] for i in self.indices] if base.labels is not None else None
+        self.description = f"{len(self.indices)} of {base.description}"
 
     def __len__(self):
         return len(self.indices)
