@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import export.onnx as xo
 from export.contract import INPUT_FLOAT, INPUT_UINT8, OUTPUT
+from serving.engine import require_providers
 
 
 def machine() -> dict:
@@ -67,10 +68,13 @@ def ort_session(path: Path, threads: int, provider: str = "CPUExecutionProvider"
     # session's spinning threads took the cores from the next contender (measured: the same graph
     # ran 10-20% slower when timed right after another session).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [provider]
     if provider == "TensorrtExecutionProvider":
         opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir or "."}
-        return ort.InferenceSession(str(path), so, providers=[(provider, opts), "CUDAExecutionProvider"])
-    return ort.InferenceSession(str(path), so, providers=[provider])
+        providers = [(provider, opts), "CUDAExecutionProvider"]
+    session = ort.InferenceSession(str(path), so, providers=providers)
+    require_providers(session, providers)  # never a CPU figure reported as a GPU one
+    return session
 
 
 def log(msg: str) -> None:

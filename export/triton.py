@@ -44,7 +44,10 @@ DEFAULT_MAX_BATCH_SIZE = 32
 # The queue delay is a small share of one batch's compute: ResNet-18 needs ~0.2 s for 8 images on two
 # CPU cores, ResNet-50 a few ms for 32 on a GPU.
 DEFAULT_QUEUE_DELAY_US = {"cpu": 2000, "gpu": 200}
-DEFAULT_TRT_CACHE_DIR = "/tmp/byolkit_trt_cache"
+# ONNX Runtime's TensorRT provider creates its cache folder with a plain mkdir, not recursively:
+# the cache is one folder, byolkit_trt_cache_NAME, inside a folder that exists on the server
+# (/tmp always does). A deeper default path made Triton fail to load the model.
+DEFAULT_TRT_CACHE_DIR = "/tmp"
 MAX_WORKSPACE_BYTES = 1 << 30
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -105,6 +108,11 @@ def default_preferred_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted({max(1, max_batch_size // 4), max(1, max_batch_size // 2), max_batch_size})
 
 
+def trt_cache_path(cache_dir: str, name: str) -> str:
+    """The TensorRT engine and timing cache of model `name`: one level below `cache_dir`."""
+    return f"{cache_dir.rstrip('/')}/byolkit_trt_cache_{name}"
+
+
 def build_config(onnx_path, *, name: str = DEFAULT_MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  kind: str = "cpu", instance_count: int = 1, gpus: list[int] | None = None,
                  preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int | None = None,
@@ -156,7 +164,7 @@ def build_config(onnx_path, *, name: str = DEFAULT_MODEL_NAME, max_batch_size: i
         in_name, _, in_dims = sig["inputs"][0]
         item = "x".join(str(d) for d in in_dims[1:])
         trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        trt_cache = f"{trt_cache_dir.rstrip('/')}/{name}"
+        trt_cache = trt_cache_path(trt_cache_dir, name)
         for key, value in (("precision_mode", tensorrt_precision.upper()),
                            ("max_workspace_size_bytes", str(MAX_WORKSPACE_BYTES)),
                            ("trt_engine_cache_enable", "1"), ("trt_engine_cache_path", trt_cache),
@@ -329,7 +337,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="TensorRT execution accelerator (GPU), with engine and timing caches")
     p.add_argument("--trt-precision", choices=("fp16", "fp32"), default="fp16", help="TensorRT precision (default fp16)")
     p.add_argument("--trt-cache-dir", default=DEFAULT_TRT_CACHE_DIR,
-                   help=f"TensorRT engine cache on the server (default {DEFAULT_TRT_CACHE_DIR}/NAME)")
+                   help="an existing folder on the server that receives the TensorRT engine cache, "
+                        f"byolkit_trt_cache_NAME (default {DEFAULT_TRT_CACHE_DIR})")
     p.add_argument("--no-warmup", action="store_true", help="no warm-up requests when Triton loads the model")
     p.add_argument("--version", type=int, default=None, help="version number (default: the next one)")
     p.add_argument("--replace-config", action="store_true", help="replace an existing config.pbtxt with other settings")

@@ -51,6 +51,18 @@ def onnx_providers(device: str) -> list:
     raise ModelError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
 
 
+def require_providers(session, requested: list) -> None:
+    """Refuse a session that silently lost a requested provider: ONNX Runtime only warns when it
+    cannot load one (no CUDA or cuDNN libraries: CUDA -> CPU; TensorRT -> CUDA), so a "GPU" figure
+    or server would run on the CPU."""
+    active = session.get_providers()
+    missing = [name for name in (p if isinstance(p, str) else p[0] for p in requested)
+               if name != "CPUExecutionProvider" and name not in active]
+    if missing:
+        raise ModelError(f"ONNX Runtime could not start {', '.join(missing)} (it would run on {', '.join(active)}); "
+                         "check the GPU libraries that onnxruntime-gpu needs (CUDA, cuDNN, TensorRT)")
+
+
 class OnnxEncoder:
     """An exported byolkit encoder in ONNX Runtime.
 
@@ -67,12 +79,12 @@ class OnnxEncoder:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only; ORT's warnings about unused initialisers are noise
+        providers = onnx_providers(device)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
-        except ModelError:
-            raise
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for foreign files
             raise ModelError(f"{path} is not a loadable ONNX model ({type(e).__name__}: {e})") from None
+        require_providers(self.session, providers)
         self.path = path
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if meta is None:

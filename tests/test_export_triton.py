@@ -94,6 +94,26 @@ def test_gpu_with_tensorrt(onnx_files, tmp_path):
     assert params["trt_profile_max_shapes"] == f"{INPUT_UINT8}:64x16x16x3"
 
 
+def test_tensorrt_cache_folder_is_one_mkdir_away(onnx_files, tmp_path):
+    """ONNX Runtime's TensorRT provider makes its cache folder with a plain (non-recursive) mkdir:
+    the configured path must sit directly in a folder that exists on the server, else Triton fails
+    to load the model. The default sits in /tmp; a chosen folder gets its cache folder one level down."""
+    import os
+    cfg, _ = xt.build_config(onnx_files["uint8"], kind="gpu", tensorrt=True)
+    (trt,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    default = dict(trt.parameters)["trt_engine_cache_path"]
+    assert os.path.dirname(default) == "/tmp" and DEFAULT_MODEL_NAME in os.path.basename(default)
+
+    server_dir = tmp_path / "server-cache"  # a fresh folder, as on a new server
+    server_dir.mkdir()
+    cfg, _ = xt.build_config(onnx_files["uint8"], kind="gpu", tensorrt=True, trt_cache_dir=f"{server_dir}/")
+    (trt,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    params = dict(trt.parameters)
+    os.mkdir(params["trt_engine_cache_path"])  # what the provider does: succeeds, no parent to create
+    assert params["trt_timing_cache_path"] == params["trt_engine_cache_path"]
+    assert Path(params["trt_engine_cache_path"]).parent == server_dir
+
+
 def test_new_versions_never_overwrite(onnx_files, tmp_path):
     model_dir = tmp_path / DEFAULT_MODEL_NAME
     assert xt.write_repository(onnx_files["uint8"], tmp_path).name == "1"

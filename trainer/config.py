@@ -64,9 +64,12 @@ class RunConfig:
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True
     compile: bool = False
-    checkpoint_every: int = 500       # optimiser steps between checkpoints (and at each epoch end)
+    checkpoint_every: int = 0         # optimiser steps between checkpoints (0: by time only)
+    checkpoint_every_s: float = 300   # a checkpoint at the latest this many seconds after the last (0: off)
     log_every: int = 10
     knn_every: int = 0                # epochs between kNN monitor runs (needs --val-data); 0: end only
+    knn_max_images: int = 0           # kNN memory and queries, each a seeded sample of at most this many
+                                      # images (0: as many as 2 GiB of uint8 images at the input size hold)
     knn_k: int = 200
     knn_temperature: float = 0.1
 

@@ -151,6 +151,39 @@ class TorchvisionCollection(ImageCollection):
         return self.dataset[index][0].convert("RGB")
 
 
+class SubsetCollection(ImageCollection):
+    """Some images of a collection, by index, with their labels and names."""
+
+    def __init__(self, base: ImageCollection, indices: list[int]):
+        self.base, self.indices = base, list(indices)
+        self.classes = base.classes
+        self.labels = [base.labels[i] for i in self.indices] if base.labels is not None else None
+        self.description = f"{len(self.indices)} of {base.description}"
+
+    def __len__(self):
+        return len(self.indices)
+
+    def load(self, index):
+        return self.base.load(self.indices[index])
+
+    def name(self, index):
+        return self.base.name(self.indices[index])
+
+
+def sample_indices(n: int, k: int, seed: int) -> torch.Tensor:
+    """A seeded sample of min(n, k) of range(n), in increasing order."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def sample_collection(collection: ImageCollection, k: int, seed: int) -> ImageCollection:
+    """`collection` itself when it holds at most `k` images, else a seeded sample of `k` of them."""
+    if len(collection) <= k:
+        return collection
+    return SubsetCollection(collection, sample_indices(len(collection), k, seed).tolist())
+
+
 def open_collection(spec: str) -> ImageCollection:
     """An image folder, a zip archive, or a torchvision data set name with an optional split
     (`cifar10`, `cifar10:test`)."""
@@ -289,6 +322,48 @@ class _PlanSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.total - self.start
+
+
+def fill_batch(batch: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """A batch short of unreadable images, refilled to `size` by repeating its readable ones (the
+    shapes stay fixed, and BatchNorm never sees a batch of one); None when none was readable."""
+    if batch is None or len(batch) == 0:
+        return None
+    if len(batch) == size:
+        return batch
+    return batch[torch.arange(size, device=batch.device) % len(batch)]
+
+
+def prefetch_to_device(batches, device: torch.device):
+    """(batch, skipped) pairs from `batches`, each batch copied to `device` one step ahead.
+
+    On a GPU the copy of the next batch (from the loader's pinned memory) runs on a side stream
+    while the current step computes; the compute stream waits for it only when it takes the batch.
+    On the CPU the pairs pass through unchanged."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device)
+
+    def start(item):
+        batch, skipped = item
+        if batch is None:
+            return None, skipped
+        with torch.cuda.stream(stream):
+            return batch.to(device, non_blocking=True), skipped
+
+    it = iter(batches)
+    ahead = next(it, None)
+    ahead = start(ahead) if ahead is not None else None
+    while ahead is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)
+        batch, skipped = ahead
+        if batch is not None:
+            batch.record_stream(current)  # its memory belongs to the compute stream's work from here
+        nxt = next(it, None)
+        ahead = start(nxt) if nxt is not None else None
+        yield batch, skipped
 
 
 def stream_loader(collection: ImageCollection, plan: BatchPlan, size: int, views, seed: int,

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
-from .distributed import Dist, barrier, init_distributed, shutdown
+from .distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from .downstream import (
     NORM_CHOICES,
     UsageError,
@@ -55,6 +55,7 @@ from .downstream import (
     write_json,
 )
 from .preprocess import MAX_PIXELS
+from .pretrain import DeferredMetrics, Stop
 
 
 class DataError(ValueError):
@@ -63,6 +64,9 @@ class DataError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training that cannot go on (a loss that is no longer finite)."""
+
+
+LOG_EVERY = 20  # steps between the host's (deferred) looks at the losses
 
 
 # ============================================================================================
@@ -497,7 +501,7 @@ def train(settings: dict, out: Path, resume_state: dict | None = None, progress:
     # ---- 1. processes, device, seeds ----------------------------------------------------------
     device_type = resolve_device(s["device"])
     dist = init_distributed(device_type)
-    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = dist.device
     if s["batch_size"] % dist.world:
         raise UsageError(f"--batch-size {s['batch_size']} must divide evenly over {dist.world} processes")
     torch.manual_seed(s["seed"] + dist.rank)
@@ -562,15 +566,16 @@ def train(settings: dict, out: Path, resume_state: dict | None = None, progress:
                                     extra={"history": history, "skipped_images": skipped_images, "task": task})
 
     loader_args = dict(collate_fn=collate, num_workers=s["workers"], persistent_workers=False,
+                       pin_memory=device.type == "cuda",  # pinned: the copies below do not block the host
                        generator=torch.Generator().manual_seed(s["seed"]))  # keeps the global RNG untouched
     dataset = DetectionDataset(train_set, label_of)
 
     # ---- 6. the training loop -----------------------------------------------------------------
-    from .pretrain import Stop
     stop = Stop()
     stop.install()
     bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
     step, steps_this_run = start_step, 0
+    logged = DeferredMetrics()
     t_start = time.perf_counter()
     metrics = {}
     while step < total_steps:
@@ -578,38 +583,47 @@ def train(settings: dict, out: Path, resume_state: dict | None = None, progress:
         batches = epoch_batches(len(dataset), per_rank_batch, s["seed"], epoch, dist.rank, dist.world)[skip:]
         loader = DataLoader(dataset, batch_sampler=batches, **loader_args)
         model.train()
+        # the losses stay on the device; the host reads them one log interval late (DeferredMetrics),
+        # or once at the epoch's end: no synchronisation per step
         sums, n_losses, t_epoch = {}, 0, time.perf_counter()
+        nonfinite = torch.zeros((), device=device)
         for items, unreadable in loader:
             skipped_images += unreadable
             flips = torch.rand(len(items), generator=torch.Generator().manual_seed(s["seed"] * 1_000_003 + step))
             images, targets = [], []
             for (image, target), f in zip(items, flips.tolist()):
+                image = image.to(device, non_blocking=True)
+                target = {k: v.to(device, non_blocking=True) for k, v in target.items() if torch.is_tensor(v)}
                 if f < 0.5:
                     image, target = hflip(image, target)
-                images.append(image.to(device, non_blocking=True).float().div_(255))
-                targets.append({k: v.to(device) for k, v in target.items() if torch.is_tensor(v)})
+                images.append(image.float().div_(255))
+                targets.append(target)
             for g in optimizer.param_groups:
                 g["lr"] = float(lr_at[step])
             if images:
                 loss_dict = net(images, targets)
                 loss = sum(loss_dict.values())
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the loss is {loss.item()} at step {step + 1}: lower --lr (now {s['lr']}) "
-                                        f"or raise --warmup-steps")
+                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 for k, v in loss_dict.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
+                    sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
                 n_losses += 1
-                if dist.is_main:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at[step]:.3g}", epoch=epoch + 1)
             step += 1
             steps_this_run += 1
             if dist.is_main:
                 bar.update(1)
+            if images and step % LOG_EVERY == 0:
+                _check_losses(logged.pop(), s, bar, dist, epoch)
+                logged.push({"step": step}, loss=loss.detach(), nonfinite=nonfinite)
             if stop.requested or (stop_after_steps and steps_this_run >= stop_after_steps):
                 break
+        _check_losses(logged.pop(), s, bar, dist, epoch)
+        if float(nonfinite):  # once per epoch, before anything is saved
+            raise TrainingError(f"the loss became non-finite by step {step}: lower --lr (now {s['lr']}) "
+                                f"or raise --warmup-steps")
+        sums = {k: float(v) for k, v in sums.items()}
         epoch_done = step % spe == 0
         if epoch_done:
             record = {"epoch": epoch + 1, "step": step, "lr": float(lr_at[step - 1]),
@@ -644,6 +658,17 @@ def train(settings: dict, out: Path, resume_state: dict | None = None, progress:
     summary = {"task": task, "encoder": s["encoder"], "backbone_init": kind, "epochs": s["epochs"],
                "steps": total_steps, **_flat(metrics)}
     return summary
+
+
+def _check_losses(record: dict | None, s: dict, bar, dist: Dist, epoch: int) -> None:
+    """A loss record queued one log interval ago: stop on a non-finite loss, else show it."""
+    if record is None:
+        return
+    if record["nonfinite"]:
+        raise TrainingError(f"the loss became non-finite by step {record['step']}: lower --lr (now {s['lr']}) "
+                            f"or raise --warmup-steps")
+    if dist.is_main:
+        bar.set_postfix(loss=f"{record['loss']:.3f}", epoch=epoch + 1)
 
 
 def _flat(metrics: dict) -> dict:
@@ -687,10 +712,7 @@ def evaluate(model, coco: CocoSet, category_of: list[int], device, dist: Dist, p
     results = []
     for i, out in predict(model, coco, device, dist, progress and dist.is_main):
         results += to_coco_results(out, coco.images[i]["id"], category_of)
-    if dist.enabled:
-        gathered = [None] * dist.world
-        torch.distributed.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
+    results = [r for part in all_gather_objects(results, dist) for r in part]
     if not dist.is_main:
         return {}
     gt = coco.coco_ground_truth()

@@ -39,7 +39,7 @@ from torch import nn
 from . import __version__
 from . import checkpoint as ckpt_io
 from .augment import ViewAugmentation, crop_resize_batch
-from .data import BatchPlan, DataError, ImageCollection, decode_all, open_collection
+from .data import BatchPlan, DataError, ImageCollection, SubsetCollection, decode_all, open_collection
 from .knn import embed, knn_accuracy
 from .optim import parameter_groups, warmup_cosine
 from .preprocess import Preprocessing, normalize_unit_tensor
@@ -54,25 +54,6 @@ class UsageError(ValueError):
 # ============================================================================================
 # Labelled data
 # ============================================================================================
-class SubsetCollection(ImageCollection):
-    """Some images of a collection, by index, with their labels and names."""
-
-    def __init__(self, base: ImageCollection, indices: list[int]):
-        self.base, self.indices = base, list(indices)
-        self.labels = [base.labels[i] for i in self.indices]
-        self.classes = base.classes
-        self.description = f"{len(self.indices)} of {base.description}"
-
-    def __len__(self):
-        return len(self.indices)
-
-    def load(self, index):
-        return self.base.load(self.indices[index])
-
-    def name(self, index):
-        return self.base.name(self.indices[index])
-
-
 def open_labelled(train_spec: str, test_spec: str) -> tuple[ImageCollection, ImageCollection, torch.Tensor]:
     """Both splits, checked before any decoding -> (train, test, test-to-train class index map)."""
     train, test = open_collection(train_spec), open_collection(test_spec)

@@ -14,6 +14,7 @@ This module imports only numpy and Pillow so that light clients can use it witho
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,11 +101,21 @@ class Preprocessing:
 def normalize_unit_tensor(batch_chw, mean, std):
     """torch float [N, 3, H, W] in [0, 1] -> normalised with `mean` / `std`: step 4 on tensors,
     shared by inference (`Preprocessing.normalize_tensor`) and the training augmentations.
-    `mean` / `std` may be sequences or float32 tensors already on the batch's device (no copy)."""
+    `mean` / `std` may be sequences (made into device tensors once per device, then cached: no
+    host-to-device copy per call) or float32 tensors already on the batch's device."""
     import torch
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=batch_chw.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=batch_chw.device).view(1, 3, 1, 1)
-    return (batch_chw - mean) / std
+    if not torch.is_tensor(mean) or not torch.is_tensor(std):
+        mean, std = _channel_stats(tuple(map(float, mean)), tuple(map(float, std)), batch_chw.device)
+    return (batch_chw - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, device):
+    """(mean, std) as float32 tensors on `device`, made once per device and contract."""
+    import torch
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in training graphs too
+        pair = torch.tensor([mean, std], dtype=torch.float32).to(device)
+    return pair[0], pair[1]
 
 
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}

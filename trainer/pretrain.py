@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m trainer.pretrain --preset imagenet-resnet50 --data /imagenet/train --out runs/in1k
 
 The run directory receives config.json, metrics.jsonl, TensorBoard events, checkpoint.pt
-(atomic, every --set run.checkpoint_every steps) and encoder.safetensors (the encoder with its
+(atomic, every --set run.checkpoint_every_s seconds and/or run.checkpoint_every steps) and encoder.safetensors (the encoder with its
 preprocessing contract). `--resume` continues a killed run from its last checkpoint.
 """
 from __future__ import annotations
@@ -23,8 +23,19 @@ import torch
 from . import checkpoint as ckpt_io
 from .augment import BatchAugment, byol_views
 from .config import PRESETS, Config, apply_override, preset
-from .data import BatchPlan, DataError, ImageCollection, decode_all, open_collection, stream_loader
-from .distributed import Dist, all_reduce_mean, barrier, init_distributed, shutdown
+from .data import (
+    BatchPlan,
+    DataError,
+    ImageCollection,
+    decode_all,
+    fill_batch,
+    open_collection,
+    prefetch_to_device,
+    sample_collection,
+    sample_indices,
+    stream_loader,
+)
+from .distributed import Dist, all_reduce, all_reduce_mean, barrier, init_distributed, shutdown
 from .knn import embed, knn_accuracy
 from .models import BYOL, build_encoder
 from .optim import build_optimizer, parameter_groups, tau_schedule, warmup_cosine
@@ -71,6 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of a few steps to DIR")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any setting, e.g. --set byol.tau_base=0.99 (repeatable)")
+    p.add_argument("--stop-after-steps", type=int, metavar="N", help="stop after N steps of this invocation, "
+                   "with a checkpoint (continue with --resume): for tests and short machine windows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
@@ -120,6 +133,8 @@ def validate(cfg: Config, dist: Dist) -> None:
         raise UsageError("data.pipeline must be auto, memory or stream")
     if cfg.run.precision not in ("auto", "bf16", "fp32"):
         raise UsageError("run.precision must be auto, bf16 or fp32")
+    if cfg.run.checkpoint_every < 0 or cfg.run.checkpoint_every_s < 0:
+        raise UsageError("run.checkpoint_every and run.checkpoint_every_s must be >= 0 (0: off)")
 
 
 # ============================================================================================
@@ -149,7 +164,7 @@ def log(dist: Dist, msg: str) -> None:
 
 
 def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, val_data: str | None = None,
-          progress: bool = True, profile_dir: str | None = None) -> dict:
+          progress: bool = True, profile_dir: str | None = None, stop_after_steps: int | None = None) -> dict:
     """Train BYOL; `resume_state` is a loaded checkpoint to continue from."""
     # ---- 1. processes, device, precision, seeds ----------------------------------------------
     want = cfg.run.device
@@ -158,7 +173,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         raise UsageError("--device cuda asked for, but no CUDA device is available")
     dist = init_distributed(device_type)
     validate(cfg, dist)
-    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = dist.device
     precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     torch.manual_seed(cfg.run.seed + dist.rank)  # each process augments differently
     if device_type == "cuda":
@@ -236,18 +251,21 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     barrier(dist)
 
     knn_data = None
-    if val_data:
-        knn_data = KnnMonitor(collection, images, labels, val_data, pre, cfg, device,
-                              progress and dist.is_main)
+    if val_data and dist.is_main:  # the monitor runs in the main process only; the others never decode for it
+        knn_data = KnnMonitor(collection, images, labels, val_data, pre, cfg, device, progress)
+        log(dist, f"kNN monitor: {len(knn_data.train_images)} memory images, {len(knn_data.val_images)} queries")
+    checkpoints = CheckpointClock(cfg.run.checkpoint_every, cfg.run.checkpoint_every_s)
 
     def save(step: int):
         write_logged()  # a checkpoint synchronises anyway: the metrics it covers go to disk before it
-        if not dist.is_main:
-            return
-        ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict(),
-                                extra={"data": str(data), "val_data": val_data})
-        ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch, stem=cfg.model.stem,
-                             embedding_dim=feature_dim, preprocessing=pre, step=step)
+        t0 = time.perf_counter()
+        if dist.is_main:
+            ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict(),
+                                    extra={"data": str(data), "val_data": val_data})
+            ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch,
+                                 stem=cfg.model.stem, embedding_dim=feature_dim, preprocessing=pre, step=step)
+        checkpoints.saved(time.perf_counter() - t0)
+        window["t0"] += time.perf_counter() - t0  # the log window's images/s is training speed: saves left out
 
     # ---- 6. the training loop -----------------------------------------------------------------
     metrics_file = open(out / "metrics.jsonl", "a") if dist.is_main else None
@@ -256,13 +274,16 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     stop.install()
     batches = None
     if pipeline == "stream":
-        batches = iter(stream_loader(collection, plan, size, views, cfg.run.seed, start_step, total_steps,
-                                     cfg.data.workers, pin_memory=device_type == "cuda"))
+        batches = prefetch_to_device(stream_loader(collection, plan, size, views, cfg.run.seed, start_step,
+                                                   total_steps, cfg.data.workers, pin_memory=device_type == "cuda"),
+                                     device)
     amp = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     micro = cfg.optim.accumulate
     profiler = _profiler(profile_dir, device_type) if profile_dir and dist.is_main else None
     bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": 0}
+    empty_steps = 0  # steps whose images were all unreadable: counted, but no update
+    loss = projection = None
     last_loss = float("nan")
     logged = DeferredMetrics()
 
@@ -288,32 +309,42 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     while step < total_steps:
         # -- data: a batch of two augmented views
         t_data = time.perf_counter()
+        weight = 1.0
         if pipeline == "memory":
             raw = images[plan.indices(step)]
         else:
+            # unreadable images are left out by the loader; the batch is refilled to its full size from
+            # the readable ones (fixed shapes; never a BatchNorm batch of one). With none readable the
+            # step still counts but changes nothing: skipped alone, or (DDP, whose gradient all-reduce
+            # needs every process) run on a blank batch with a zero loss weight
             raw, skipped = next(batches)
             window["skipped"] += skipped
+            raw = fill_batch(raw, plan.local_batch)
             if raw is None:
-                continue
-            raw = raw.to(device, non_blocking=True)
+                empty_steps += 1
+                if dist.enabled:
+                    raw = torch.zeros((plan.local_batch, 2, 3, size, size), dtype=torch.uint8, device=device)
+                    weight = 0.0
         window["data"] += time.perf_counter() - t_data
-        for g in optimizer.param_groups:
-            g["lr"] = float(lr_at[step]) * g["lr_scale"]  # Python floats: numpy scalars break weights_only loading
 
-        # -- forward and backward, optionally over several micro-batches
-        for k, chunk in enumerate(raw.chunk(micro)):
-            view1, view2 = augment(chunk)
-            sync = contextlib.nullcontext() if (not dist.enabled or k == micro - 1) else model.no_sync()
-            with sync:
-                with amp:
-                    loss, projection = forward(view1, view2)
-                (loss / micro).backward()
+        if raw is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = float(lr_at[step]) * g["lr_scale"]  # Python floats: numpy scalars break weights_only loading
 
-        # -- optimiser step, then the target moves towards the online network
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        byol.update_target(float(tau_at[step + 1]))
-        window["steps"] += 1
+            # -- forward and backward, optionally over several micro-batches
+            for k, chunk in enumerate(raw.chunk(micro)):
+                view1, view2 = augment(chunk)
+                sync = contextlib.nullcontext() if (not dist.enabled or k == micro - 1) else model.no_sync()
+                with sync:
+                    with amp:
+                        loss, projection = forward(view1, view2)
+                    (loss * (weight / micro)).backward()
+
+            # -- optimiser step, then the target moves towards the online network
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            byol.update_target(float(tau_at[step + 1]))
+            window["steps"] += 1
         if profiler:
             profiler.step()
 
@@ -333,7 +364,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
 
         # -- logging without host synchronisation: the loss and projection spread are queued as a
         #    non-blocking copy to host memory and written out at the next log step (or checkpoint)
-        if done % cfg.run.log_every == 0 or done == total_steps:
+        if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
             elapsed = time.perf_counter() - window["t0"]
             record = {"step": done, "epoch": done / plan.steps_per_epoch,
                       "lr": float(lr_at[step]), "tau": float(tau_at[done]),
@@ -347,7 +378,9 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
             bar.update(1)
 
         epoch_end = done % plan.steps_per_epoch == 0
-        if done % cfg.run.checkpoint_every == 0 or epoch_end or done == total_steps or stop.requested:
+        if stop_after_steps and done - start_step >= stop_after_steps and done < total_steps:
+            stop.requested = True
+        if checkpoints.due(done) or done == total_steps or stop.requested:
             save(done)
         if knn_data and epoch_end and cfg.run.knn_every and (done // plan.steps_per_epoch) % cfg.run.knn_every == 0 \
                 and done != total_steps:
@@ -366,7 +399,9 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
 
     # ---- 7. final evaluation and summary ------------------------------------------------------
     summary = {"steps": step, "total_steps": total_steps, "train_seconds": budget.elapsed(),
-               "loss": last_loss, "pipeline": pipeline, "precision": precision, "world_size": dist.world}
+               "loss": last_loss, "pipeline": pipeline, "precision": precision, "world_size": dist.world,
+               "checkpoints": checkpoints.count, "checkpoint_seconds": round(checkpoints.seconds, 3),
+               "empty_steps": empty_steps}
     if knn_data and dist.is_main and not stop.requested:
         summary.update({f"knn_{k}": v for k, v in knn_data.run(byol.encoder).items()})
         _write_metrics(metrics_file, writer, {"step": step, "train_seconds": summary["train_seconds"], **{k: summary[k] for k in summary if k.startswith("knn")}})
@@ -419,10 +454,29 @@ class TimeBudget:
         self.active = False
         _sync_device()  # (once each per run)
         per_step = torch.tensor((time.perf_counter() - self.t_first) / (self.LAST - self.FIRST))
-        if dist.enabled:  # every process must agree: plan for the slowest
-            torch.distributed.all_reduce(per_step, op=torch.distributed.ReduceOp.MAX)
+        per_step = all_reduce(per_step, dist, "max")  # every process must agree: plan for the slowest
         fits = done + int((self.seconds - self.elapsed()) / per_step.item())
         return max(done + 1, min(total, fits))
+
+
+class CheckpointClock:
+    """When to write a checkpoint: every `every_steps` optimiser steps and/or once `every_s` seconds
+    have passed since the last one (0 turns either off). Time, not epochs: a CIFAR epoch lasts a few
+    seconds on a GPU, and a checkpoint at each one cost a tenth of the run."""
+
+    def __init__(self, every_steps: int, every_s: float, clock=time.monotonic):
+        self.every_steps, self.every_s, self.clock = every_steps, every_s, clock
+        self.last = clock()
+        self.count, self.seconds = 0, 0.0
+
+    def due(self, step: int) -> bool:
+        by_steps = self.every_steps > 0 and step % self.every_steps == 0
+        return by_steps or (self.every_s > 0 and self.clock() - self.last >= self.every_s)
+
+    def saved(self, seconds: float) -> None:
+        self.last = self.clock()
+        self.count += 1
+        self.seconds += seconds
 
 
 def _sync_device() -> None:
@@ -430,8 +484,16 @@ def _sync_device() -> None:
         torch.cuda.synchronize()
 
 
+KNN_MAX_BYTES = 2 << 30  # the kNN monitor's memory bank, and its queries, each at most this much uint8
+
+
 class KnnMonitor:
-    """Weighted kNN top-1/top-5 of the online encoder: training images as memory, --val-data as queries."""
+    """Weighted kNN top-1/top-5 of the online encoder: training images as memory, --val-data as queries.
+
+    Main process only. Memory and queries are each a seeded sample of at most run.knn_max_images
+    images (default: what KNN_MAX_BYTES holds; all of CIFAR, ~14k ImageNet images at 224 px), decoded
+    once; the memory pipeline's images are reused, never decoded again.
+    """
 
     def __init__(self, train: ImageCollection, train_images, train_labels, val_spec: str, pre, cfg: Config,
                  device, progress):
@@ -442,10 +504,20 @@ class KnnMonitor:
         unseen = set(val.classes) - set(train.classes)
         if unseen:
             raise DataError(f"--val-data has classes the training data lacks: {sorted(unseen)[:5]}")
+        cap = cfg.run.knn_max_images or KNN_MAX_BYTES // (3 * pre.input_size ** 2)
         if train_images is None:
-            train_images, train_labels, _ = decode_all(train, pre, cfg.data.workers, progress, "decoding kNN memory")
+            train_images, train_labels, _ = decode_all(sample_collection(train, cap, cfg.run.seed), pre,
+                                                       cfg.data.workers, progress, "decoding kNN memory")
+        elif len(train_images) > cap:
+            keep = sample_indices(len(train_images), cap, cfg.run.seed)
+            train_images, train_labels = train_images[keep.to(train_images.device)], train_labels[keep]
         self.train_images, self.train_labels = train_images, train_labels
-        self.val_images, self.val_labels, _ = decode_all(val, pre, cfg.data.workers, progress, "decoding kNN queries")
+        self.val_images, self.val_labels, _ = decode_all(sample_collection(val, cap, cfg.run.seed + 1), pre,
+                                                         cfg.data.workers, progress, "decoding kNN queries")
+        if device.type == "cuda":  # pinned: each embedding pass copies them without blocking
+            self.val_images = self.val_images.pin_memory()
+            if self.train_images.device.type == "cpu":
+                self.train_images = self.train_images.pin_memory()
         if train.classes and val.classes:  # align class indices by name
             remap = torch.tensor([train.classes.index(c) for c in val.classes])
             self.val_labels = remap[self.val_labels]
@@ -549,8 +621,11 @@ def main(argv=None) -> int:
         cfg = resolve_config(args, state["config"] if state else None)
         if not args.data:
             raise UsageError("--data is required (an image folder, a zip archive, or cifar10/cifar100/stl10)")
+        if args.stop_after_steps is not None and args.stop_after_steps < 1:
+            raise UsageError("--stop-after-steps must be at least 1")
         summary = train(cfg, args.data, out, resume_state=state, val_data=args.val_data,
-                        progress=not args.no_progress, profile_dir=args.profile)
+                        progress=not args.no_progress, profile_dir=args.profile,
+                        stop_after_steps=args.stop_after_steps)
     except (UsageError, DataError, ckpt_io.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

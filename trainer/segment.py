@@ -43,7 +43,7 @@ from PIL import Image
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .distributed import Dist, all_reduce_mean, barrier, init_distributed, shutdown
+from .distributed import Dist, all_gather_objects, all_reduce, all_reduce_mean, barrier, init_distributed, shutdown
 from .downstream import UsageError, dilate_resnet, palette, resolve_device, write_json
 from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
 from .pretrain import Stop, log
@@ -374,20 +374,22 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, num_classes
     predictions (class indices at mask size) of the first `keep` images, for drawing."""
     from tqdm import tqdm
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    # counted on the device: no host synchronisation per image (only the drawn ones come back)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     kept = {}
     share = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world))  # each image once
-    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=workers,
+                                         pin_memory=torch.device(device).type == "cuda")
     for photo, target, index in tqdm(loader, desc="evaluating", unit="img", disable=not progress, leave=False):
-        x = pre.normalize_tensor(photo[None].to(device))
+        x = pre.normalize_tensor(photo[None].to(device, non_blocking=True))
+        target = target.to(device, non_blocking=True)
         logits = model(x)["out"]
         logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0].cpu()
+        pred = logits.argmax(1)[0]
         confusion += confusion_matrix(target, pred, num_classes)
         if int(index) < keep:
-            kept[int(index)] = pred
-    if dist.enabled:
-        torch.distributed.all_reduce(confusion)
+            kept[int(index)] = pred.cpu()
+    confusion = all_reduce(confusion, dist).cpu()  # the process's device: NCCL refuses CPU tensors
     model.train()
     return confusion, kept
 
@@ -429,7 +431,7 @@ def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True
     # ---- 1. processes, device, seeds ------------------------------------------------------------
     device_type = resolve_device(cfg["device"])
     dist = init_distributed(device_type)
-    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = dist.device
     if cfg["batch_size"] % dist.world or cfg["batch_size"] // dist.world < 2:
         raise UsageError(f"--batch-size {cfg['batch_size']} must split evenly over {dist.world} process(es), "
                          "at least 2 images each (BatchNorm)")
@@ -586,12 +588,8 @@ def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True
 
 
 def _gather_kept(kept: dict, dist: Dist) -> dict:
-    if not dist.enabled:
-        return kept
-    gathered = [None] * dist.world
-    torch.distributed.all_gather_object(gathered, kept)
     merged = {}
-    for part in gathered:
+    for part in all_gather_objects(kept, dist):
         merged.update(part)
     return merged
 
