@@ -319,17 +319,30 @@ def test_usage_errors(scenes, tmp_path):
     assert "unknown architecture" in _error(tmp_path, ok, ok, "--encoder", "random:resnet7")
 
 
-def test_photo_breaking_mid_run_is_skipped_and_counted(tmp_path):
+def test_photo_breaking_mid_run_is_skipped_and_counted(tmp_path, monkeypatch):
+    """A photo that passed the up-front check but no longer decodes is skipped and counted, train and val."""
     data = write_depth_scenes(tmp_path / "d", 10, 32, seed=4)
-    raw = (data / "rgb" / "00002.png").read_bytes()
-    (data / "rgb" / "00002.png").write_bytes(raw[: len(raw) // 2])  # the header reads, the pixels do not
+    scan = depth.open_depth_data
+
+    def scan_then_break(spec, split, *a, **k):
+        checked = scan(spec, split, *a, **k)
+        if split == "train":  # the same folder is --val: break it after both scans
+            return checked
+        raw = (data / "rgb" / "00002.png").read_bytes()
+        (data / "rgb" / "00002.png").write_bytes(raw[: len(raw) // 2])
+        return checked
+
+    monkeypatch.setattr(depth, "open_depth_data", scan_then_break)
     code, err = _main([*FAST, "--train", data, "--val", data, "--out", tmp_path / "run", "--epochs", 2,
                        "--batch-size", 4, "--base-size", 32, "--crop-size", 24, "--draw", 0])
     assert code == 0, err[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    # drawn each epoch in 2 of the 2 x 4 batches (10 samples, 8 used per epoch) or not, but counted
+    # 8 of the 10 samples are drawn per epoch (2 batches of 4): the broken one once or twice in two epochs
     assert metrics["skipped_unreadable"]["train"] in (1, 2) and "skipped" in err
     assert metrics["final"]["val_unreadable"] == 1 and metrics["final"]["images"] == 9
+    # the up-front check itself refuses a photo that is already broken
+    assert "not a readable image" in _error(tmp_path / "again", data, data, "--base-size", 32, "--crop-size", 24,
+                                            "--batch-size", 4)
 
 
 def test_help_explains():
