@@ -316,3 +316,30 @@ def test_torchrun_two_cpu_processes(shapes, tmp_path):
     proc = subprocess.run([*cmd, "--out", str(tmp_path / "sync"), "--norm", "sync"], capture_output=True, text=True,
                           cwd=root, timeout=300, env=env)
     assert proc.returncode != 0 and "--norm sync needs CUDA processes" in proc.stderr
+
+
+def test_drawing_keeps_confident_boxes_with_readable_labels_and_ground_truth(shapes, tmp_path, monkeypatch):
+    """Only predictions at or above --draw-score are drawn, each caption on a filled box of its colour;
+    the ground truth is drawn as well, in white."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.downstream import GROUND_TRUTH_COLOUR, palette
+    coco = detect.load_coco(*shapes[1], name="val")
+    gt = coco.boxes[0]
+    fake = {"boxes": torch.tensor([[4.0, 30.0, 40.0, 60.0], [20.0, 20.0, 50.0, 50.0]]),
+            "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 2])}
+    monkeypatch.setattr(detect, "predict", lambda *a, **k: iter([(0, fake)]))
+    seen = {}
+    real = detect.draw_predictions
+    monkeypatch.setattr(detect, "draw_predictions", lambda *a, **k: seen.update(k) or real(*a, **k))
+    detect._draw(None, coco, ["background", "square", "disk", "triangle"], tmp_path, 1, 0.5, "cpu")
+    assert seen["labels"] == ["square 0.90"] and seen["boxes"].tolist() == [[4.0, 30.0, 40.0, 60.0]]
+    assert seen["ground_truth"].tolist() == gt.tolist()
+    drawn = np.asarray(Image.open(tmp_path / "00000.jpg")).astype(int)
+    x0, y0, x1, y1 = gt[0].round().astype(int).tolist()
+    edge = drawn[y0:y1 + 1, x0] if y1 > y0 else drawn[y0, x0:x1 + 1]
+    assert (np.abs(edge - GROUND_TRUTH_COLOUR).sum(-1) < 90).mean() > 0.5  # a white outline
+    colour = np.array(palette(4)[1])
+    label = drawn[20:29, 5:30]  # the caption's filled box sits above the predicted box (top 30)
+    assert (np.abs(label - colour).sum(-1) < 90).mean() > 0.4

@@ -10,7 +10,7 @@ run, `random:...` or `supervised:ARCH`, see --help); Mask R-CNN when every annot
 `segmentation` (polygons or RLE). Data in COCO format. The run directory receives checkpoint.pt
 (atomic, every epoch and on Ctrl-C; `--resume` continues exactly), metrics.json (COCO mAP@[.5:.95],
 AP50, AP75 via pycocotools, per-epoch losses) and predictions/*.jpg (boxes, masks, class names and
-scores drawn over the first --draw validation photos).
+scores at or above --draw-score over the first --draw validation photos, ground truth in white).
 
 Bad input is refused before training with a one-line message; a box that sticks out of its image is
 clipped and one with no area skipped, both counted and reported; an image that fails to decode
@@ -452,7 +452,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"(default {d['seed']})")
     p.add_argument("--eval-every", type=int, help="also evaluate every N epochs (default: at the end only)")
     p.add_argument("--draw", type=int, help=f"validation photos to draw predictions on (default {d['draw']})")
-    p.add_argument("--draw-score", type=float, help=f"lowest score drawn (default {d['draw_score']})")
+    p.add_argument("--draw-score", type=float, help=f"lowest score drawn (default {d['draw_score']}); ground-truth "
+                   "boxes are drawn in white")
     p.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed, resumable) after this "
                    "many steps in this invocation, e.g. for time-sliced jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -732,7 +733,8 @@ def _draw(model, coco: CocoSet, names: list[str], folder: Path, count: int, min_
             image = torch.from_numpy(np.array(f.convert("RGB"))).permute(2, 0, 1).contiguous()
         masks = (out["masks"][keep, 0] > 0.5) if "masks" in out else None
         draw_predictions(image, folder / (Path(coco.images[i]["file_name"]).stem + ".jpg"), boxes=out["boxes"][keep],
-                         labels=captions, colours=[colours[lab] for lab in labels], masks=masks)
+                         labels=captions, colours=[colours[lab] for lab in labels], masks=masks,
+                         ground_truth=torch.from_numpy(coco.boxes[i]))
 
 
 def _progress_bar(total: int, start: int, enabled: bool):

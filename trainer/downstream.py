@@ -1,9 +1,11 @@
-"""What detection and segmentation fine-tuning share: the ResNet backbone built from an encoder
-source (norm layers, trainable stages, strides turned into dilations), the per-step schedule, the
-deterministic epoch order that makes a resume exact, atomic JSON, and drawing predictions.
+"""What detection, segmentation and depth fine-tuning share: the ResNet backbone built from an
+encoder source (norm layers, trainable stages, strides turned into dilations), the per-step
+schedules, the deterministic epoch order and per-sample randomness that make a resume exact, the
+run checkpoint, atomic JSON, and drawing predictions (boxes with readable labels, side-by-side
+panels, a legend, a colour scale bar).
 
-Kept small on purpose: each task's script (trainer.detect, trainer.segment) owns its data, model
-head, metrics and loop, in the style of torchvision's references.
+Kept small on purpose: each task's script (trainer.detect, trainer.segment, trainer.depth) owns its
+data, model head, metrics and loop, in the style of torchvision's references.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from . import checkpoint as ckpt_io
@@ -160,6 +163,43 @@ def warmup_multistep(base_lr: float, total_steps: int, warmup_steps: int,
     return lr
 
 
+def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> list[float]:
+    """torchvision reference's poly decay, lr * (1 - step / total) ** 0.9, precomputed per step."""
+    return [base_lr * (1 - s / total_steps) ** power for s in range(total_steps + 1)]
+
+
+def cosine_schedule(base_lr: float, total_steps: int) -> list[float]:
+    """Cosine decay from base_lr to 0 over the run, precomputed per step."""
+    return [base_lr * 0.5 * (1 + math.cos(math.pi * s / total_steps)) for s in range(total_steps + 1)]
+
+
+def epoch_indices(sampler, epoch: int, start: int = 0) -> list[int]:
+    """This process's sample order for `epoch` (a DistributedSampler's), from position `start`:
+    a resumed run continues inside the epoch at the batch where it stopped."""
+    sampler.set_epoch(epoch)
+    return list(sampler)[start:]
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The augmentation randomness of one sample in one epoch: independent of workers, processes and
+    of where a run was resumed, so that a resumed run repeats the uninterrupted one exactly."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def save_run(out: Path, *, model, optimizer, epoch: int, position: int, step: int, config: dict,
+             history: list, extra: dict | None = None) -> None:
+    """The fine-tuning checkpoint: weights, optimiser, where in which epoch, the run's settings."""
+    ckpt_io.save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=config,
+                            extra={"epoch": epoch, "position": position, "history": history, **(extra or {})})
+
+
+def load_run(out: Path, kind: str) -> dict:
+    state = ckpt_io.load_checkpoint(Path(out) / ckpt_io.CHECKPOINT_NAME)
+    if state["config"].get("task") != kind:
+        raise UsageError(f"{out} holds a {state['config'].get('task', 'pretraining')!r} run, not a {kind} run")
+    return state
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
                   shuffle: bool = True) -> list[list[int]]:
     """This process's batches of epoch `epoch`: a function of (seed, epoch) only, so a resumed run
@@ -197,21 +237,126 @@ def palette(n: int) -> list[tuple[int, int, int]]:
             for i in range(n)]
 
 
+GROUND_TRUTH_COLOUR = (255, 255, 255)  # ground-truth boxes: white, drawn under the predictions
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)
+
+
 def draw_predictions(image: torch.Tensor, path: Path, boxes=None, labels: list[str] | None = None,
-                     colours=None, masks=None) -> Path:
-    """uint8 [3, H, W] photo + boxes (xyxy) with captions and/or boolean masks [N, H, W] -> a JPEG."""
-    from PIL import Image
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+                     colours=None, masks=None, ground_truth=None) -> Path:
+    """uint8 [3, H, W] photo + predicted boxes (xyxy) with captions and/or boolean masks [N, H, W],
+    and optionally ground-truth boxes (drawn thin, white, unlabelled) -> a JPEG.
+
+    Captions sit on a filled box of the prediction's colour in black or white, whichever reads
+    better, inside the picture (above the box when there is room, else inside its top edge)."""
+    from PIL import ImageDraw
+    from torchvision.utils import draw_segmentation_masks
     out = image
     if masks is not None and len(masks):
         out = draw_segmentation_masks(out, masks.bool(), alpha=0.45, colors=colours)
-    if boxes is not None and len(boxes):
-        out = draw_bounding_boxes(out, boxes, labels=labels, colors=colours, width=2)
+    canvas = Image.fromarray(out.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(canvas)
+    width = max(1, round(min(canvas.size) / 160))
+    for b in ([] if ground_truth is None else ground_truth.tolist()):
+        draw.rectangle(b, outline=GROUND_TRUTH_COLOUR, width=width)
+    boxes = [] if boxes is None else boxes.tolist()
+    colours = colours or palette(len(boxes))
+    for b, colour in zip(boxes, colours):
+        draw.rectangle(b, outline=tuple(colour), width=width + 1)
+    font = _font(max(10, min(canvas.size) // 40))
+    for b, colour, text in zip(boxes, colours, labels or []):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        w, h = right - left + 4, bottom - top + 4
+        x = min(max(0, b[0]), max(0, canvas.width - w))
+        y = b[1] - h if b[1] - h >= 0 else min(b[1], canvas.height - h)
+        draw.rectangle((x, y, x + w, y + h), fill=tuple(colour))
+        ink = "black" if sum(c * k for c, k in zip(colour, (0.299, 0.587, 0.114))) > 140 else "white"
+        draw.text((x + 2 - left, y + 2 - top), text, fill=ink, font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt_io.atomic_write(path, lambda tmp: Image.fromarray(out.permute(1, 2, 0).numpy()).save(tmp, format="JPEG",
-                                                                                             quality=90))
+    ckpt_io.atomic_write(path, lambda tmp: canvas.save(tmp, format="JPEG", quality=90))
     return path
+
+
+def side_by_side(*panels: torch.Tensor, gap: int = 8) -> Image.Image:
+    """uint8 [3, H, W] tensors of the same height -> one PIL image, left to right, white gaps."""
+    h = panels[0].shape[1]
+    spacer = torch.full((3, h, gap), 255, dtype=torch.uint8)
+    parts = []
+    for i, p in enumerate(panels):
+        parts += ([spacer] if i else []) + [p]
+    return Image.fromarray(torch.cat(parts, dim=2).permute(1, 2, 0).numpy())
+
+
+def add_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """A white strip under the image naming each colour: a swatch and the class name, wrapped in rows."""
+    from PIL import ImageDraw
+    if not entries:
+        return image
+    font = _font(max(11, image.width // 70))
+    probe = ImageDraw.Draw(image)
+    line = int(font.size * 1.6)
+    x, y, placed = 6, 6, []
+    for name, colour in entries:
+        width = line + int(probe.textlength(name, font=font)) + 14
+        if x + width > image.width and x > 6:
+            x, y = 6, y + line
+        placed.append((x, y, name, colour))
+        x += width
+    canvas = Image.new("RGB", (image.width, image.height + y + line + 6), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, name, colour in placed:
+        top = image.height + y
+        draw.rectangle((x, top + 2, x + line - 6, top + line - 4), fill=colour)
+        draw.text((x + line, top + 1), name, fill="black", font=font)
+    return canvas
+
+
+# perceptually ordered anchors of matplotlib's "magma" (dark = near, bright = far is the usual reading)
+_MAGMA = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+                   (250, 193, 39), (252, 253, 191)], dtype=np.float64)
+
+
+def colour_map(values: np.ndarray, low: float, high: float, invalid=None) -> np.ndarray:
+    """float [H, W] -> uint8 [H, W, 3] on a magma-like scale from `low` to `high` (clipped);
+    pixels where `invalid` is True are drawn mid-grey."""
+    t = np.clip((np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-12), 0, 1) * (len(_MAGMA) - 1)
+    i = np.minimum(t.astype(np.int64), len(_MAGMA) - 2)
+    f = (t - i)[..., None]
+    rgb = (_MAGMA[i] * (1 - f) + _MAGMA[i + 1] * f).round().astype(np.uint8)
+    if invalid is not None:
+        rgb[invalid] = 128
+    return rgb
+
+
+def add_scale_bar(image: Image.Image, low: float, high: float, unit: str = "m", ticks: int = 5) -> Image.Image:
+    """A white strip under the image with the colour_map gradient from `low` to `high` and labelled ticks."""
+    from PIL import ImageDraw
+    font = _font(max(11, image.width // 70))
+    bar_h, margin = max(10, font.size), 10
+    text_h = int(font.size * 1.4)
+    canvas = Image.new("RGB", (image.width, image.height + bar_h + text_h + 2 * margin), "white")
+    canvas.paste(image, (0, 0))
+    left, right = margin, image.width - margin - int(font.size * 2.5)
+    gradient = colour_map(np.tile(np.linspace(low, high, max(right - left, 2)), (bar_h, 1)), low, high)
+    top = image.height + margin
+    canvas.paste(Image.fromarray(gradient), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    widest = max(draw.textlength(f"{v:.2f}", font=font) for v in (low, high))
+    ticks = max(2, min(ticks, int((right - left) // (widest * 1.4)) + 1))  # labels never overlap
+    for k in range(ticks):
+        x = left + round(k * (right - left - 1) / (ticks - 1))
+        value = low + k * (high - low) / (ticks - 1)
+        text = f"{value:.2f}" if high - low < 5 else f"{value:.1f}"
+        draw.line((x, top + bar_h, x, top + bar_h + 3), fill="black")
+        w = draw.textlength(text, font=font)
+        draw.text((min(max(0, x - w / 2), canvas.width - w), top + bar_h + 4), text, fill="black", font=font)
+    draw.text((right + 6, top + (bar_h - font.size) // 2), unit, fill="black", font=font)
+    return canvas
 
 
 # ============================================================================================
@@ -228,7 +373,7 @@ def write_shapes_coco(folder: Path, count: int, size: int = 64, seed: int = 0, m
     Each class has its own shape and colour, so a detector can separate them after a short run;
     category ids start at 3 and skip one, as real COCO files do not number 1..K.
     """
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     img_dir = folder / "images"

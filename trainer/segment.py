@@ -44,7 +44,20 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .distributed import Dist, all_gather_objects, all_reduce, all_reduce_mean, barrier, init_distributed, shutdown
-from .downstream import UsageError, dilate_resnet, palette, resolve_device, write_json
+from .downstream import (
+    UsageError,
+    add_legend,
+    dilate_resnet,
+    epoch_indices,
+    load_run,
+    palette,
+    poly_schedule,
+    resolve_device,
+    sample_rng,
+    save_run,
+    side_by_side,
+    write_json,
+)
 from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
 from .pretrain import Stop, log
 
@@ -70,73 +83,6 @@ def open_backbone(spec: str | None, seed: int, saved: dict | None = None, dilate
         encoder, raw = ckpt_io.open_encoder(spec, seed)
         info = backbone_info(raw)
     return dilate_resnet(encoder, dilate), info
-
-
-def epoch_indices(sampler, epoch: int, start: int = 0) -> list[int]:
-    """This process's sample order for `epoch` (a DistributedSampler's), from position `start`:
-    a resumed run continues inside the epoch at the batch where it stopped."""
-    sampler.set_epoch(epoch)
-    return list(sampler)[start:]
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The augmentation randomness of one sample in one epoch: independent of workers, processes and
-    of where a run was resumed, so that a resumed run repeats the uninterrupted one exactly."""
-    return np.random.default_rng([seed, epoch, index])
-
-
-def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> list[float]:
-    """torchvision reference's poly decay, lr * (1 - step / total) ** 0.9, precomputed per step."""
-    return [base_lr * (1 - s / total_steps) ** power for s in range(total_steps + 1)]
-
-
-def save_run(out: Path, *, model, optimizer, epoch: int, position: int, step: int, config: dict,
-             history: list) -> None:
-    """The fine-tuning checkpoint: weights, optimiser, where in which epoch, the run's settings."""
-    ckpt_io.save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=config,
-                            extra={"epoch": epoch, "position": position, "history": history})
-
-
-def load_run(out: Path, kind: str) -> dict:
-    state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
-    if state["config"].get("task") != kind:
-        raise UsageError(f"{out} holds a {state['config'].get('task', 'pretraining')!r} run, not a {kind} run")
-    return state
-
-
-def side_by_side(*panels: torch.Tensor, gap: int = 8) -> Image.Image:
-    """uint8 [3, H, W] tensors of the same height -> one PIL image, left to right, white gaps."""
-    h = panels[0].shape[1]
-    spacer = torch.full((3, h, gap), 255, dtype=torch.uint8)
-    parts = []
-    for i, p in enumerate(panels):
-        parts += ([spacer] if i else []) + [p]
-    return Image.fromarray(torch.cat(parts, dim=2).permute(1, 2, 0).numpy())
-
-
-def add_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> Image.Image:
-    """A white strip under the image naming each colour: a swatch and the class name, wrapped in rows."""
-    from PIL import ImageDraw, ImageFont
-    if not entries:
-        return image
-    font = ImageFont.load_default(size=max(11, image.width // 70))
-    probe = ImageDraw.Draw(image)
-    line = int(font.size * 1.6)
-    x, y, placed = 6, 6, []
-    for name, colour in entries:
-        width = line + int(probe.textlength(name, font=font)) + 14
-        if x + width > image.width and x > 6:
-            x, y = 6, y + line
-        placed.append((x, y, name, colour))
-        x += width
-    canvas = Image.new("RGB", (image.width, image.height + y + line + 6), "white")
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for x, y, name, colour in placed:
-        top = image.height + y
-        draw.rectangle((x, top + 2, x + line - 6, top + line - 4), fill=colour)
-        draw.text((x + line, top + 1), name, fill="black", font=font)
-    return canvas
 
 
 # ============================================================================================
