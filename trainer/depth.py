@@ -63,7 +63,7 @@ from PIL import Image
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .distributed import Dist, barrier, init_distributed, shutdown
+from .distributed import Dist, all_reduce, barrier, init_distributed, shutdown
 from .downstream import (
     NORM_CHOICES,
     UsageError,
@@ -588,10 +588,7 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, 
         sums[:len(METRICS)] += torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
         sums[len(METRICS):2 * len(METRICS)] += torch.tensor([b[k] for k in METRICS], dtype=torch.float64)
         sums[-2] += 1
-    if dist.enabled:
-        reduced = sums.to(device)
-        torch.distributed.all_reduce(reduced)
-        sums = reduced.cpu()
+    sums = all_reduce(sums, dist).cpu()
     n = max(sums[-2].item(), 1)
     scores = {k: sums[i].item() / n for i, k in enumerate(METRICS)}
     scores["images"] = int(sums[-2].item())
@@ -647,7 +644,7 @@ def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True
     # ---- 1. processes, device, seeds ----------------------------------------------------------
     device_type = resolve_device(cfg["device"])
     dist = init_distributed(device_type)
-    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = dist.device
     if cfg["batch_size"] % dist.world or cfg["batch_size"] // dist.world < 2:
         raise UsageError(f"--batch-size {cfg['batch_size']} must split evenly over {dist.world} process(es), "
                          "at least 2 images each (BatchNorm)")
@@ -773,8 +770,7 @@ def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at[step - 1]:.3g}", epoch=epoch + 1)
             if stop.requested:
                 break
-        if dist.enabled:
-            torch.distributed.all_reduce(sums)
+        sums = all_reduce(sums, dist)
         skipped += int(sums[2].item())
         if stop.requested:
             save(epoch, position)
