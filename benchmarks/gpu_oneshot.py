@@ -37,8 +37,8 @@ with this project's device tool:
         carry=["benchmarks/data"], timeout_s=540)
 
 Each part writes OUT/gpu_oneshot_<part>.json (after every check) and OUT/gpu_oneshot_<part>.log
-(the commands run and the tail of any failure). `--tiny` runs both parts on the CPU in well under
-a minute (the test suite's rehearsal; `--data` names a generated folder of the same layout).
+(the commands run and the tail of any failure). `--tiny` runs both parts on the CPU in about a
+minute on two cores (the test suite's rehearsal; `--data` names a generated folder of the same layout).
 """
 from __future__ import annotations
 
