@@ -365,3 +365,15 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
     assert set(result["runs"]) == {"byol", "random"}
     for run in result["runs"].values():
         assert 0 <= run["delta1"] <= 1 and run["abs_rel"] > 0 and run["seconds"] > 0
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+@pytest.mark.parametrize("decoder", depth.DECODERS)
+def test_both_stems_and_decoders_predict_at_input_size(stem, decoder):
+    from trainer.models import build_encoder
+    encoder, _ = build_encoder("resnet18_w16", stem)
+    net = depth.build_model(encoder, decoder, init_depth=3.0).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 40, 56).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 40, 56) and (out > 0).all()
+    assert decoder != "upproj" or len(net.decoder.up) == 4  # Laina et al.'s four up-projection blocks
