@@ -345,11 +345,14 @@ def test_photo_breaking_mid_run_is_skipped_and_counted(tmp_path, monkeypatch):
                                             "--batch-size", 4)
 
 
-def test_help_explains():
-    proc = cli("--help")
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        depth.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
     for phrase in ("berHu", "scale-invariant", "--depth-scale", "--split", "Eigen crop", "--median-scaling",
                    "predictions/*.jpg"):
-        assert phrase in proc.stdout, phrase
+        assert phrase in text, phrase
 
 
 # -- the GPU benchmark's CPU mode ------------------------------------------------------------------------------
@@ -362,3 +365,15 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
     assert set(result["runs"]) == {"byol", "random"}
     for run in result["runs"].values():
         assert 0 <= run["delta1"] <= 1 and run["abs_rel"] > 0 and run["seconds"] > 0
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+@pytest.mark.parametrize("decoder", depth.DECODERS)
+def test_both_stems_and_decoders_predict_at_input_size(stem, decoder):
+    from trainer.models import build_encoder
+    encoder, _ = build_encoder("resnet18_w16", stem)
+    net = depth.build_model(encoder, decoder, init_depth=3.0).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 40, 56).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 40, 56) and (out > 0).all()
+    assert decoder != "upproj" or len(net.decoder.up) == 4  # Laina et al.'s four up-projection blocks

@@ -406,6 +406,11 @@ class EvalSet(torch.utils.data.Dataset):
                 torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1))
 
 
+def _as_is(item):
+    """Evaluation's collate: one sample (or None) at a time, untouched (a function, so workers can pickle it)."""
+    return item
+
+
 def collate(items):
     """Drop samples that failed to decode; (photos, depths, how many were dropped)."""
     kept = [it for it in items if it is not None]
@@ -572,7 +577,7 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, 
     model.eval()
     sums = torch.zeros(2 * len(METRICS) + 2, dtype=torch.float64)  # model, baseline, images, unreadable
     share = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world))
-    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=cfg["workers"], collate_fn=lambda x: x)
+    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=cfg["workers"], collate_fn=_as_is)
     for item in tqdm(loader, desc="evaluating", unit="img", disable=not progress, leave=False):
         if item is None:
             sums[-1] += 1
