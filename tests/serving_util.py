@@ -129,8 +129,8 @@ class ServerProcess:
             time.sleep(0.1)
         left = [f"process {p}" for p in self.tree if alive(p)]
         left += [f"/dev/shm/{p.name}" for p in Path("/dev/shm").glob(f"byolkit_{self.proc.pid}_*")]
-        from serving.server import WORKSPACE_ROOT
-        left += [str(p) for p in WORKSPACE_ROOT.glob(f"ws-{self.proc.pid}-*")]
+        from serving.server import workspace_root
+        left += [str(p) for p in workspace_root().glob(f"ws-{self.proc.pid}-*")]
         return left
 
 

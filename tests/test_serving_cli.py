@@ -153,14 +153,14 @@ def test_a_killed_server_takes_tritonserver_with_it_and_is_cleaned_up_at_the_nex
     try:
         server.start()
         pid = server.proc.pid
-        assert list(srv.WORKSPACE_ROOT.glob(f"ws-{pid}-*"))
+        assert list(srv.workspace_root().glob(f"ws-{pid}-*"))
         os.kill(pid, signal.SIGKILL)  # no chance to clean up
         server.proc.wait(30)
         deadline = time.monotonic() + 60
         while any(alive(p) for p in server.tree) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [p for p in server.tree if alive(p)]  # tritonserver and its stubs followed (PDEATHSIG)
-        assert list(srv.WORKSPACE_ROOT.glob(f"ws-{pid}-*"))  # left behind by the killed process
+        assert list(srv.workspace_root().glob(f"ws-{pid}-*"))  # left behind by the killed process
         removed = srv.clean_stale()  # what every start does first
         assert any(f"ws-{pid}-" in r for r in removed)
     finally:
