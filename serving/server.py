@@ -110,6 +110,10 @@ def server_env(paths: dict) -> dict:
     prepend("LD_LIBRARY_PATH", *([libdir] if libdir else []), str(paths["libs"]))
     prepend("PATH", str(Path(sys.executable).parent))
     env["BYOLKIT_ROOT"] = str(PACKAGE_ROOT)  # the stub ignores PYTHONPATH; triton_model.py reads this
+    # glibc hands large buffers (a refused request's body) back to the system when they are freed,
+    # instead of keeping them in the heap for good (unless the caller set its own malloc tuning)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 * 1024))
     return env
 
 

@@ -20,15 +20,13 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_util import ServerProcess, alive, children, encode, exported_model, picture
+from serving_util import ServerProcess, alive, children, encode, exported_model, picture, png_header
 
 from serving import server as srv
 from serving.client import EmbeddingClient, ServerUnavailableError
@@ -206,14 +204,6 @@ def test_refused_oversize_requests_give_their_memory_back(server):
     assert after - before < 100, f"{before:.0f} MiB before, {after:.0f} MiB after 10 refused 48 MiB requests"
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (a bomb's header: nothing else is read before refusing)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
-
-
 def test_the_pixel_limit_is_read_from_the_header_and_is_the_servers_own(server):
     """Above 179 megapixels Pillow's own bomb check used to answer first (DecompressionBombError)."""
     import tritonclient.grpc as tc
@@ -221,7 +211,7 @@ def test_the_pixel_limit_is_read_from_the_header_and_is_the_servers_own(server):
     client = tc.InferenceServerClient(server.grpc_url.split("://")[1])
     for w, h in ((9000, 8000), (20000, 20000)):
         inp = tc.InferInput("image_bytes", [1, 1], "BYTES")
-        inp.set_data_from_numpy(np.array([_png_header(w, h)], dtype=np.object_).reshape(1, 1))
+        inp.set_data_from_numpy(np.array([png_header(w, h)], dtype=np.object_).reshape(1, 1))
         with pytest.raises(InferenceServerException) as e:
             client.infer(IMAGE_MODEL, [inp])
         assert f"{w}x{h} pixels, above the limit of 64000000" in e.value.message()
