@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -94,13 +95,27 @@ class _Remote:
         self.tc = tc
 
     def _channel_ready(self):
-        """gRPC connects lazily and, without a deadline, waits for a server that never answers:
-        wait for the channel within the timeout (a TimeoutError, retried like a refused connection)."""
+        """gRPC connects lazily and, without a deadline, waits for a server that never answers: connect
+        now, within the timeout (TimeoutError), and fail at once when the connection fails (ConnectionError)."""
         import grpc
+        settled = threading.Event()
+        seen = []
+
+        def on_change(state):
+            seen.append(state)
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                         grpc.ChannelConnectivity.SHUTDOWN):
+                settled.set()
+
+        channel = self.client._channel
+        channel.subscribe(on_change, try_to_connect=True)
         try:
-            grpc.channel_ready_future(self.client._channel).result(timeout=self.timeout)
-        except grpc.FutureTimeoutError:
-            raise TimeoutError(f"no gRPC connection within {self.timeout:g} s") from None
+            if not settled.wait(self.timeout):
+                raise TimeoutError(f"no gRPC connection within {self.timeout:g} s")
+        finally:
+            channel.unsubscribe(on_change)
+        if seen[-1] != grpc.ChannelConnectivity.READY:
+            raise ConnectionError(f"gRPC connection failed ({seen[-1].value[1]})")
 
     def call(self, what: str, fn, *args, **kwargs):
         delay = self.backoff
@@ -342,9 +357,12 @@ def _main(argv=None) -> int:  # a tiny command line: python -m serving.client TA
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="served model name (default %(default)s)")
     p.add_argument("--raw", action="store_true", help="the encoder's raw output, not L2-normalised")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds for each call and connection (default 30)")
+    p.add_argument("--retries", type=int, default=3, help="retries after a connection error (default 3)")
+    p.epilog = "Exit status: 0 done, 1 the server is unavailable, 2 bad input (or a request the server refused)."
     args = p.parse_args(argv)
     try:
-        with EmbeddingClient(args.target, model=args.model) as client:
+        with EmbeddingClient(args.target, model=args.model, timeout=args.timeout, retries=args.retries) as client:
             vectors = client.embed(args.images, normalize=not args.raw)
     except EmbeddingError as e:  # 1: the server is unavailable; 2: bad input (or a request it refused)
         print(f"error: {e}", file=sys.stderr)
