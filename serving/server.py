@@ -40,10 +40,12 @@ import ctypes.util
 import errno
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -135,7 +137,6 @@ def workspace_root() -> Path:
         st = os.lstat(root)
     except OSError as e:
         raise ServerError(f"cannot create the runtime directory {root}: {e.strerror or e}") from None
-    import stat
     if not stat.S_ISDIR(st.st_mode):
         raise ServerError(f"the runtime directory {root} is not a directory (a link?): refusing it")
     if st.st_uid != uid:
@@ -163,7 +164,7 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 def _child_setup():  # runs in the child between fork and exec: no imports, no locks
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # ignored signals survive exec; these must work
-    os.umask(0o077)  # the stubs' shared memory (requests and embeddings) and logs: this user's alone
+    os.umask(0o077)  # whatever tritonserver and the stubs create: this user's alone
     _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: tritonserver goes when its parent goes
 
 
@@ -423,10 +424,7 @@ class EmbeddingServer:
         if name == m.name:
             datatype = "UINT8" if m.input_type == "TYPE_UINT8" else "FP32"
             shape = [1, *m.input_dims]
-            count = 1
-            for d in m.input_dims:
-                count *= d
-            raw = bytes(count * (1 if datatype == "UINT8" else 4))  # zeros: a black image
+            raw = bytes(math.prod(m.input_dims) * (1 if datatype == "UINT8" else 4))  # zeros: a black image
             inp = {"name": m.input_name, "datatype": datatype, "shape": shape}
         else:
             png = _probe_png()
