@@ -13,14 +13,18 @@ them there by the preprocessing contract; PIL images and arrays are preprocessed
 exported repository works too). Arrays already at the model's input size are sent as they are.
 
 Requests hold at most `batch_size` images (and never more than the server's max batch size).
-Connection failures are retried `retries` times with exponential backoff (`backoff` seconds
-doubling up to 5 s), then raise ServerUnavailableError; a request the server refuses raises
-EmbeddingError with the server's message, not retried. Not thread-safe: one client per thread.
+Every call has a deadline of `timeout` seconds, the connection set-up too (gRPC waits for its
+channel to be ready within it). Connection failures (refused, closed mid-request, timed out) and
+"server busy" answers (a full queue) are retried `retries` times with exponential backoff
+(`backoff` seconds doubling up to 5 s), then raise ServerUnavailableError; a request the server
+refuses raises EmbeddingError with the server's message, not retried. Not thread-safe: one client
+per thread. `python -m serving.client` exits 2 for bad input, 1 when the server is unavailable.
 """
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -44,13 +48,18 @@ class ServerUnavailableError(EmbeddingError, ConnectionError):
     """The server could not be reached, after the retries."""
 
 
-def _is_connection_error(e: Exception) -> bool:
+def _is_connection_error(e: BaseException) -> bool:
+    """Worth retrying: the server could not be reached, closed the connection, did not answer in
+    time, or was busy (its queue full). Anything else is the server's answer to this request."""
     from tritonclient.utils import InferenceServerException
 
     if isinstance(e, InferenceServerException):
         status = str(e.status() or "")
-        return "UNAVAILABLE" in status or "Connection" in (e.message() or "") and status in ("", "None")
-    return isinstance(e, (ConnectionError, TimeoutError, OSError))
+        return ("UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status or status == "503"
+                or "Connection" in (e.message() or "") and status in ("", "None"))
+    # the HTTP client's "connection closed" (HTTPConnectionClosed) is neither an OSError nor a ConnectionError
+    from geventhttpclient.response import HTTPParseError
+    return isinstance(e, (ConnectionError, TimeoutError, OSError, HTTPParseError))
 
 
 def _server_message(e: Exception) -> str:
@@ -68,28 +77,59 @@ class _Remote:
         scheme, _, address = url.partition("://")
         self.url, self.scheme, self.timeout, self.retries, self.backoff = url, scheme, timeout, retries, backoff
         self.retried = 0  # connection errors retried so far
+        self._connected = False  # gRPC: the channel was seen ready (and no connection error since)
         if not address:
             raise EmbeddingError(f"{url!r}: expected grpc://host:port or http://host:port")
         if scheme == "grpc":
             import tritonclient.grpc as tc
             self.client = tc.InferenceServerClient(address)
+            self._deadline = {"client_timeout": timeout}
         elif scheme in ("http", "https"):
             import tritonclient.http as tc
             self.client = tc.InferenceServerClient(address, ssl=scheme == "https", connection_timeout=timeout,
                                                    network_timeout=timeout)
+            self._deadline = {}  # connection_timeout and network_timeout bound every call
         else:
             raise EmbeddingError(f"{url!r}: unknown scheme {scheme!r} (use grpc://, http:// or https://, "
                                  "or a path to an ONNX file)")
         self.tc = tc
 
+    def _channel_ready(self):
+        """gRPC connects lazily and, without a deadline, waits for a server that never answers: connect
+        now, within the timeout (TimeoutError), and fail at once when the connection fails (ConnectionError)."""
+        import grpc
+        settled = threading.Event()
+        seen = []
+
+        def on_change(state):
+            seen.append(state)
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                         grpc.ChannelConnectivity.SHUTDOWN):
+                settled.set()
+
+        channel = self.client._channel
+        channel.subscribe(on_change, try_to_connect=True)
+        try:
+            if not settled.wait(self.timeout):
+                raise TimeoutError(f"no gRPC connection within {self.timeout:g} s")
+        finally:
+            channel.unsubscribe(on_change)
+        if seen[-1] != grpc.ChannelConnectivity.READY:
+            raise ConnectionError(f"gRPC connection failed ({seen[-1].value[1]})")
+
     def call(self, what: str, fn, *args, **kwargs):
         delay = self.backoff
+        kwargs.update(self._deadline)
         for attempt in range(self.retries + 1):
             try:
+                if self.scheme == "grpc" and not self._connected:
+                    self._channel_ready()
+                    self._connected = True
                 return fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - sorted into connection errors and refusals below
                 if not _is_connection_error(e):
                     raise EmbeddingError(f"{what}: {_server_message(e)}") from None
+                self._connected = False
                 if attempt == self.retries:
                     raise ServerUnavailableError(f"cannot reach {self.url} ({what}) after {attempt + 1} attempts: "
                                                  f"{_server_message(e)}") from None
@@ -121,8 +161,6 @@ class _Remote:
         inp.set_data_from_numpy(array)
         out = [self.tc.InferRequestedOutput(OUTPUT)]
         kwargs = {"parameters": {"raw": True}} if raw else {}
-        if self.scheme == "grpc":
-            kwargs["client_timeout"] = self.timeout
         result = self.call(model, self.client.infer, model, [inp], outputs=out, **kwargs)
         return result.as_numpy(OUTPUT)
 
@@ -319,11 +357,14 @@ def _main(argv=None) -> int:  # a tiny command line: python -m serving.client TA
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="served model name (default %(default)s)")
     p.add_argument("--raw", action="store_true", help="the encoder's raw output, not L2-normalised")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds for each call and connection (default 30)")
+    p.add_argument("--retries", type=int, default=3, help="retries after a connection error (default 3)")
+    p.epilog = "Exit status: 0 done, 1 the server is unavailable, 2 bad input (or a request the server refused)."
     args = p.parse_args(argv)
     try:
-        with EmbeddingClient(args.target, model=args.model) as client:
+        with EmbeddingClient(args.target, model=args.model, timeout=args.timeout, retries=args.retries) as client:
             vectors = client.embed(args.images, normalize=not args.raw)
-    except EmbeddingError as e:
+    except EmbeddingError as e:  # 1: the server is unavailable; 2: bad input (or a request it refused)
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, ServerUnavailableError) else 2
     for name, v in zip(args.images, vectors):

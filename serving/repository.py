@@ -55,6 +55,7 @@ class ServingSettings:
     threads: int = 0
     max_pixels: int = MAX_PIXELS
     max_image_bytes: int = MAX_IMAGE_BYTES
+    max_queue_size: int = 64  # requests waiting per model; more are refused at once ("server busy")
     image_model: bool = True
 
 
@@ -156,6 +157,8 @@ def _config(model: ServedModel, settings: ServingSettings, kind: str):
             c.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
         elif src is None or not src.HasField("dynamic_batching"):
             c.dynamic_batching.max_queue_delay_microseconds = DEFAULT_QUEUE_DELAY_US
+        # a bounded queue: beyond it Triton refuses at once (UNAVAILABLE) instead of holding the request
+        c.dynamic_batching.default_queue_policy.max_queue_size = settings.max_queue_size
     if kind == "tensor" and src is not None:  # its warm-up requests too (random pixels; not for bytes)
         for w in src.model_warmup:
             c.model_warmup.add().CopyFrom(w)

@@ -15,12 +15,20 @@ to sys.path to import serving.engine and trainer.preprocess from the same code),
 backend stub for this Python version in the backend directory, and SIGINT/SIGTERM at their
 defaults in the child even when this process was started with them ignored.
 
-Shutdown: SIGINT or SIGTERM to this process unloads the models (in-flight requests finish, the
-backend stubs exit and free their shared memory) and then stops tritonserver (a second signal
-kills it); any shared-memory segment still under this server's own prefix is removed and the
-workspace deleted. The models are loaded in explicit model-control mode so that this process can
-unload them; the model-repository API is restricted to a random per-server key. Workspaces and segments of servers whose process died
-without cleaning up (SIGKILL) are removed at the next start.
+Shutdown: SIGINT or SIGTERM to this process passes SIGINT to tritonserver, which finishes the
+in-flight requests, unloads the models (the backend stubs exit and free their shared memory) and
+exits; a second signal kills it. Whatever is left of its process group (stubs of a tritonserver
+that died or timed out) is killed, any shared-memory segment under this server's own prefix is
+removed and the workspace deleted. Workspaces and segments of servers whose process died without
+cleaning up (SIGKILL) are removed at the next start.
+
+Hardening (README, "Security"): models are loaded once at start (--model-control-mode=none): the
+model-repository API that could load a model with code of the caller's choosing is off, so there
+is no control key to steal. The workspace (the model code the stubs run) lives in a per-user
+private runtime directory, created 0700 and refused when another user owns it or others may use
+it. Readiness is checked for real: every --probe-interval seconds one inference runs through each
+model's backend stub, and when one fails, or tritonserver dies, this process stops everything
+(the whole process group, stubs included) and exits with status 1, so that a supervisor sees it.
 """
 from __future__ import annotations
 
@@ -32,11 +40,12 @@ import ctypes.util
 import errno
 import itertools
 import json
+import math
 import os
-import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -51,7 +60,7 @@ from .engine import MAX_IMAGE_BYTES, ModelError, onnx_providers
 from .repository import ServingSettings, describe, load_model, write_repository
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-WORKSPACE_ROOT = Path(tempfile.gettempdir()) / "byolkit-serving"
+RUNTIME_DIR_ENV = "BYOLKIT_RUNTIME_DIR"  # where the private workspaces go (default: see workspace_root)
 SHM_DIR = Path("/dev/shm")
 _counter = itertools.count()
 
@@ -60,10 +69,10 @@ _counter = itertools.count()
 CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM unable to start")
 
 
-# The model-repository API (load, unload, index) needs this header with a per-server random key.
-CONTROL_HEADER = "byolkit-control"
-# After the models are unloaded, how long tritonserver may take to exit before it is killed.
-IDLE_CONNECTION_GRACE_S = 3
+# How long a readiness probe may take, and how many timed-out probes in a row mean the server is stuck
+# (an error answer from a model fails the server at once).
+PROBE_TIMEOUT_S = 30
+PROBE_TIMEOUTS_FATAL = 3
 
 
 class ServerError(RuntimeError):
@@ -103,7 +112,40 @@ def server_env(paths: dict) -> dict:
     prepend("LD_LIBRARY_PATH", *([libdir] if libdir else []), str(paths["libs"]))
     prepend("PATH", str(Path(sys.executable).parent))
     env["BYOLKIT_ROOT"] = str(PACKAGE_ROOT)  # the stub ignores PYTHONPATH; triton_model.py reads this
+    # glibc hands large buffers (a refused request's body) back to the system when they are freed,
+    # instead of keeping them in the heap for good (unless the caller set its own malloc tuning)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 * 1024))
     return env
+
+
+def workspace_root() -> Path:
+    """The per-user private directory for workspaces, created 0700; refused unless this user owns it
+    and nobody else may use it (another user could otherwise swap the model code the stubs run).
+
+    BYOLKIT_RUNTIME_DIR if set, else $XDG_RUNTIME_DIR/byolkit-serving, else <tmp>/byolkit-serving-<uid>.
+    """
+    uid = os.geteuid()
+    if os.environ.get(RUNTIME_DIR_ENV):
+        root = Path(os.environ[RUNTIME_DIR_ENV])
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        root = Path(os.environ["XDG_RUNTIME_DIR"]) / "byolkit-serving"
+    else:
+        root = Path(tempfile.gettempdir()) / f"byolkit-serving-{uid}"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
+    except OSError as e:
+        raise ServerError(f"cannot create the runtime directory {root}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ServerError(f"the runtime directory {root} is not a directory (a link?): refusing it")
+    if st.st_uid != uid:
+        raise ServerError(f"the runtime directory {root} belongs to uid {st.st_uid}, not to this user (uid {uid}): "
+                          f"refusing it (remove it, or set {RUNTIME_DIR_ENV} to a private directory)")
+    if st.st_mode & 0o077:
+        raise ServerError(f"the runtime directory {root} has mode {stat.S_IMODE(st.st_mode):o}: other users may use "
+                          f"it; refusing it (chmod 700 it, or set {RUNTIME_DIR_ENV} to a private directory)")
+    return root
 
 
 def write_backends(root: Path, paths: dict) -> Path:
@@ -122,6 +164,7 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 def _child_setup():  # runs in the child between fork and exec: no imports, no locks
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # ignored signals survive exec; these must work
+    os.umask(0o077)  # whatever tritonserver and the stubs create: this user's alone
     _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: tritonserver goes when its parent goes
 
 
@@ -142,8 +185,9 @@ def shm_segments(prefix: str) -> list[Path]:
 def clean_stale() -> list[str]:
     """Remove the workspaces and shared-memory segments of servers whose process is gone."""
     removed = []
-    if WORKSPACE_ROOT.is_dir():
-        for ws in WORKSPACE_ROOT.glob("ws-*"):
+    root = workspace_root()
+    if root.is_dir():
+        for ws in root.glob("ws-*"):
             pid = ws.name.split("-")[1]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 shutil.rmtree(ws, ignore_errors=True)
@@ -155,6 +199,16 @@ def clean_stale() -> list[str]:
                 seg.unlink()
                 removed.append(str(seg))
     return removed
+
+
+def _probe_png() -> bytes:
+    """A small grey PNG: what the readiness probe sends to the encoded-image model."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def check_port_free(host: str, port: int, flag: str):
@@ -185,13 +239,14 @@ class EmbeddingServer:
 
     def __init__(self, model, *, model_name: str | None = None, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, settings: ServingSettings | None = None,
-                 exit_timeout: int = 30, verbose: bool = False, log=None):
+                 exit_timeout: int = 30, probe_interval: float = 5.0, verbose: bool = False, log=None):
         self.settings = settings or ServingSettings()
         s = self.settings
         for flag, value, low in (("max batch size", s.max_batch_size or 1, 1), ("instances", s.instances, 1),
                                  ("max queue delay", s.max_queue_delay_us or 0, 0), ("threads", s.threads, 0),
                                  ("max pixels", s.max_pixels, 1), ("max image bytes", s.max_image_bytes, 1),
-                                 ("exit timeout", exit_timeout, 1)):
+                                 ("max queue size", s.max_queue_size, 1), ("exit timeout", exit_timeout, 1),
+                                 ("probe interval", probe_interval, 0)):
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}, got {value}")
         try:
@@ -206,22 +261,23 @@ class EmbeddingServer:
                 raise UsageError(f"{flag} {port}: not a port number")
         self.model = load_model(model, model_name)  # ModelError for anything that is not an encoder
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
-        self.exit_timeout, self.verbose = exit_timeout, verbose
+        self.exit_timeout, self.probe_interval, self.verbose = exit_timeout, probe_interval, verbose
         self.log = log if log is not None else sys.stderr
         self.model_names: list[str] = []
         self.process: subprocess.Popen | None = None
         self.workspace: Path | None = None
         self.shm_prefix = f"byolkit_{os.getpid()}_{next(_counter)}_"
         self.leftover_segments: list[str] = []  # segments that a clean shutdown should have removed
-        self.killed_after_unload = False  # tritonserver still waited for idle HTTP connections
+        self.killed_leftovers: list[int] = []  # processes of tritonserver's group still alive after it exited
+        self.exit_timeout_expired = False  # tritonserver waited the whole exit timeout (open HTTP connections)
         self.returncode: int | None = None
         self.process_returncode: int | None = None
         self._tail = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
         self._stop_requested = threading.Event()
         self._quiet_gpu = False
-        self._ready_once = False
-        self._control_key = secrets.token_hex(16)  # guards load/unload: only this process may call them
+        self.failure: str | None = None  # why the server stopped working (a failed probe)
+        self._monitor: threading.Thread | None = None
 
     # -- addresses ---------------------------------------------------------------------------
     def _url(self, scheme, port):
@@ -248,8 +304,7 @@ class EmbeddingServer:
             check_port_free(self.host, port, flag)
         paths = bundled_tritonserver()
         clean_stale()
-        WORKSPACE_ROOT.mkdir(parents=True, exist_ok=True)
-        self.workspace = Path(tempfile.mkdtemp(prefix=f"ws-{os.getpid()}-", dir=WORKSPACE_ROOT))
+        self.workspace = Path(tempfile.mkdtemp(prefix=f"ws-{os.getpid()}-", dir=workspace_root()))
         try:
             self.model_names = write_repository(self.model, self.settings, self.workspace / "models")
             write_backends(self.workspace / "backends", paths)
@@ -268,14 +323,13 @@ class EmbeddingServer:
                 "grpc-address": self.host, "grpc-port": self.grpc_port,
                 "metrics-address": self.host, "metrics-port": self.metrics_port,
                 "allow-gpu-metrics": str(gpu).lower(), "exit-timeout-secs": self.exit_timeout,
-                "log-info": str(self.verbose).lower(), "model-control-mode": "explicit",
-                "http-restricted-api": f"model-repository:{CONTROL_HEADER}={self._control_key}",
-                "grpc-restricted-protocol": f"model-repository:{CONTROL_HEADER}={self._control_key}"}
+                "log-info": str(self.verbose).lower(),
+                # every model of the repository loaded at start, none later: no model-repository API
+                "model-control-mode": "none", "strict-readiness": "true"}
         if not gpu:
             args["pinned-memory-pool-byte-size"] = 0
         self._quiet_gpu = not gpu
         cmd = [str(paths["binary"])] + [f"--{k}" if v is None else f"--{k}={v}" for k, v in args.items()]
-        cmd += [f"--load-model={name}" for name in self.model_names]
         cmd += [f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 "--backend-config=python,shm-default-byte-size=4194304",
                 "--backend-config=python,shm-growth-byte-size=8388608"]
@@ -312,15 +366,25 @@ class EmbeddingServer:
     def ready(self) -> bool:
         return self._get("/v2/health/ready") == 200
 
+    def _private_segments(self):
+        """The python backend creates its shared memory 0644 whatever the umask: made 0600 as soon as
+        it appears (it carries the requests' images and the embeddings)."""
+        for seg in shm_segments(self.shm_prefix):
+            with contextlib.suppress(OSError):
+                if seg.stat().st_mode & 0o077:
+                    seg.chmod(0o600)
+
     def _wait_ready(self, timeout: float):
         deadline = time.monotonic() + timeout
         while not self._stop_requested.is_set():
+            self._private_segments()
             if self.process.poll() is not None:
                 self._reader.join(timeout=5)
                 raise ServerError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
                                   + self.log_tail())
-            if self.ready() and all(self._get(f"/v2/models/{n}/ready") == 200 for n in self.model_names):
-                self._ready_once = True
+            if self.ready() and all(self._get(f"/v2/models/{n}/ready") == 200 for n in self.model_names) \
+                    and self.probe(timeout=PROBE_TIMEOUT_S) is None:
+                self._private_segments()
                 return
             if time.monotonic() > deadline:
                 raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n" + self.log_tail())
@@ -334,72 +398,145 @@ class EmbeddingServer:
         self._stop_requested.set()
 
     def serve_forever(self) -> int:
-        """Block until request_stop() or until tritonserver dies; then stop -> exit status."""
-        while self.alive() and not self._stop_requested.wait(0.5):
+        """Block until request_stop(), until tritonserver dies or until a readiness probe fails; then
+        stop -> exit status. Raises ServerError when the server died or failed."""
+        if self.probe_interval and self._monitor is None:
+            self._monitor = threading.Thread(target=self._watch, name="readiness-probe", daemon=True)
+            self._monitor.start()
+        while self.alive() and not self._stop_requested.wait(0.2):
             pass
-        died = not self.alive() and not self._stop_requested.is_set()
+        died = not self.alive() and self.failure is None and not self._stop_requested.is_set()
+        if self.failure:
+            self.kill()  # broken: no point waiting for a graceful stop
         code = self.stop()
         if died:
             raise ServerError(f"tritonserver exited unexpectedly with status {code}:\n" + self.log_tail())
+        if self.failure:
+            raise ServerError(f"{self.failure.rstrip('.')}; the server was stopped")
         return code
+
+    # -- readiness: a real inference through every model's backend stub ---------------------------
+    def _probe_request(self, name: str) -> tuple[bytes, dict]:
+        """A one-item request for `name` in the binary-data extension of the KServe v2 HTTP protocol."""
+        from .repository import IMAGE_INPUT
+
+        m = self.model
+        if name == m.name:
+            datatype = "UINT8" if m.input_type == "TYPE_UINT8" else "FP32"
+            shape = [1, *m.input_dims]
+            raw = bytes(math.prod(m.input_dims) * (1 if datatype == "UINT8" else 4))  # zeros: a black image
+            inp = {"name": m.input_name, "datatype": datatype, "shape": shape}
+        else:
+            png = _probe_png()
+            raw = len(png).to_bytes(4, "little") + png
+            inp = {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [1, 1]}
+        inp["parameters"] = {"binary_data_size": len(raw)}
+        header = json.dumps({"inputs": [inp], "outputs": [{"name": "embeddings"}]}).encode()
+        return header + raw, {"Inference-Header-Content-Length": str(len(header)),
+                              "Content-Type": "application/octet-stream"}
+
+    def probe(self, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+        """One inference through each model -> None when all answered, else what went wrong.
+        A timeout gives "timeout: ..." (a busy server may be slow; see _watch)."""
+        for name in self.model_names:
+            body, headers = self._probe_request(name)
+            req = urllib.request.Request(f"{self.http_url}/v2/models/{name}/infer", data=body, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    r.read()
+            except urllib.error.HTTPError as e:
+                try:
+                    message = json.loads(e.read() or b"{}").get("error", str(e))
+                except ValueError:
+                    message = str(e)
+                if e.code == 503 and "queue" in message:  # busy: the queue is full, the model works
+                    continue
+                return f"model {name}: {message}"
+            except TimeoutError as e:
+                return f"timeout: model {name}: no answer within {timeout:.0f} s ({e})"
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError):
+                    return f"timeout: model {name}: no answer within {timeout:.0f} s"
+                return f"model {name}: {reason}"
+        return None
+
+    def _watch(self):
+        """Probe every probe_interval seconds; a model that answers with an error (a dead backend stub
+        answers "Stub process ... is not healthy") or PROBE_TIMEOUTS_FATAL timeouts in a row fail the server."""
+        timeouts = 0
+        while not self._stop_requested.wait(self.probe_interval):
+            if not self.alive():
+                return
+            problem = self.probe(timeout=PROBE_TIMEOUT_S)
+            if problem is None:
+                timeouts = 0
+                continue
+            if problem.startswith("timeout: "):
+                timeouts += 1
+                if timeouts < PROBE_TIMEOUTS_FATAL:
+                    continue
+            if self._stop_requested.is_set():  # a stop under way: models unloading, not a failure
+                return
+            self.failure = f"readiness probe failed: {problem.removeprefix('timeout: ')}"
+            with contextlib.suppress(ValueError, OSError):
+                self.log.write(f"byolkit: {self.failure}\n")
+                self.log.flush()
+            self._stop_requested.set()
+            return
 
     def kill(self):
         if self.alive():
             self.process.kill()
 
-    def _control(self, path: str, timeout: float = 10):
-        """The model-repository API, restricted to this process by its key -> decoded JSON."""
-        req = urllib.request.Request(self.http_url + path, data=b"{}", method="POST",
-                                     headers={CONTROL_HEADER: self._control_key})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read() or b"null")
-
-    def _unload_models(self, timeout: float) -> bool:
-        """Unload every model: new requests are refused, in-flight ones finish, the backend stubs exit
-        and free their shared memory. -> whether all were unloaded within `timeout`."""
-        deadline = time.monotonic() + timeout
-        try:
-            for name in self.model_names:
-                self._control(f"/v2/repository/models/{name}/unload")
-            while time.monotonic() < deadline:
-                states = {m["name"]: m.get("state") for m in self._control("/v2/repository/index")}
-                if all(states.get(n) in (None, "UNAVAILABLE") for n in self.model_names):
-                    return True
-                time.sleep(0.1)
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        return False
+    def _kill_group(self):
+        """SIGKILL whatever is left of tritonserver's process group (its backend stubs): after
+        tritonserver exits, an orphaned stub would keep serving nothing and hold the log pipe."""
+        pgid = self.process.pid  # start_new_session: tritonserver leads its own group
+        from_group = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                        from_group.append(int(entry.name))
+        self.killed_leftovers += from_group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
 
     def stop(self) -> int | None:
         """Stop serving and clean up; idempotent -> 0 for a clean stop, else tritonserver's exit status.
 
-        First the models are unloaded through the model-repository API (in-flight requests finish,
-        the stubs exit cleanly), then tritonserver gets SIGINT. Triton's own shutdown waits for
-        every open HTTP connection, idle keep-alive ones too, up to the exit timeout, and leaves the
-        models no time to unload when a client keeps one open; with the models already unloaded
-        there is nothing left to wait for, so after a short grace it is killed.
+        tritonserver gets SIGINT: it finishes the in-flight requests, waits for open HTTP connections
+        (idle keep-alive ones too) up to the exit timeout, unloads the models (the stubs exit and free
+        their shared memory) and exits. Then anything left of its process group is killed and its
+        shared memory removed.
         """
         self._stop_requested.set()
         if self.process is not None:
-            unloaded = False
-            if self.process.poll() is None:
-                unloaded = self._ready_once and self._unload_models(self.exit_timeout)
+            died = self.process.poll() is not None
+            if not died:
                 self.process.send_signal(signal.SIGINT)
                 try:
-                    self.process.wait(IDLE_CONNECTION_GRACE_S if unloaded else self.exit_timeout + 15)
+                    self.process.wait(self.exit_timeout + 15)
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()
-                    self.killed_after_unload = unloaded
+            self._kill_group()  # stubs outliving tritonserver; the log pipe then reaches its end
             if self._reader is not None:
                 self._reader.join(timeout=5)
-            self.process.stdout.close()
-            code = self.process_returncode = self.process.returncode
-            self.returncode = 0 if unloaded and code in (0, -signal.SIGKILL) else code
+            if self._reader is None or not self._reader.is_alive():
+                self.process.stdout.close()  # never while the reader blocks on it (that would deadlock)
+            self.process_returncode = self.returncode = self.process.returncode
+            # an HTTP client holding an idle keep-alive connection makes tritonserver wait the whole exit
+            # timeout, then exit 1 without unloading: a stop as asked, its leftovers removed here
+            self.exit_timeout_expired = "Exit timeout expired" in self.log_tail(5)
+            if self.exit_timeout_expired and not died:
+                self.returncode = 0
             self.process = None
-        # a clean shutdown leaves nothing here; whatever is left (a crash) is removed
+        # a clean shutdown leaves nothing here; whatever is left (a crash, an expired exit timeout) is removed
         left = shm_segments(self.shm_prefix)
-        self.leftover_segments += [p.name for p in left]
+        if not self.exit_timeout_expired:
+            self.leftover_segments += [p.name for p in left]
         for seg in left:
             with contextlib.suppress(OSError):
                 seg.unlink()
@@ -453,15 +590,19 @@ NAME is byol_encoder unless --model-name says otherwise.
 Endpoints (Triton / KServe v2): HTTP /v2/health/ready, /v2/models/NAME (metadata),
 /v2/models/NAME/config, /v2/models/NAME/infer; gRPC GRPCInferenceService; Prometheus metrics
 on --metrics-port at /metrics (Triton's, plus byolkit_refused_requests_total: Triton counts a
-refused request as a success). The model-repository API (load, unload, index) is reserved to
-this process. Once ready, one JSON line with the URLs goes to stdout.
+refused request as a success). The models are loaded once at start: the model-repository API
+(load, unload) is off. /v2/health/ready answers only once a real inference through every model
+succeeded, and the server exits (status 1) when a later probe fails or tritonserver dies.
+Once ready, one JSON line with the URLs goes to stdout.
 
 A repository's instance groups and TensorRT settings are Triton's onnxruntime backend's; here
 --instances and --device decide (the nvidia-pytriton wheel has no onnxruntime backend: the
 models run on its python backend, which runs ONNX Runtime).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server after its in-flight requests (a second one, a second
-or more later, kills it). Exit status: 0 stopped cleanly, 1 the server failed, 2 bad input.
+or more later, kills it); an HTTP client that keeps an idle connection open makes tritonserver
+wait for it up to --exit-timeout. Exit status: 0 stopped cleanly, 1 the server failed (or
+died, or a readiness probe failed), 2 bad input.
 
 Examples:
   python -m serving.server --model runs/c10/model.onnx
@@ -505,6 +646,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="refuse encoded images with more pixels (decompression bombs; default %(default)s)")
     p.add_argument("--max-image-bytes", type=_positive, default=MAX_IMAGE_BYTES, metavar="N",
                    help="refuse encoded images larger than this (default %(default)s)")
+    p.add_argument("--max-queue-size", type=_positive, default=ServingSettings.max_queue_size, metavar="N",
+                   help="requests waiting per model beyond which new ones are refused at once with Triton's "
+                        "'Exceeds maximum queue size' (HTTP 503, gRPC UNAVAILABLE: server busy, retry later; "
+                        "default %(default)s; with dynamic batching only)")
+    p.add_argument("--probe-interval", type=float, default=5.0, metavar="S",
+                   help="every S seconds one real inference runs through each model; when one fails (a dead "
+                        "backend stub) the server stops and exits with status 1 (default 5; 0 turns it off)")
     p.add_argument("--no-image-model", action="store_true", help="serve only the tensor model, not NAME_image")
     p.add_argument("--exit-timeout", type=_positive, default=30, metavar="S",
                    help="on SIGINT/SIGTERM, how long in-flight requests may take to finish (default 30 s)")
@@ -544,11 +692,13 @@ def _serve(args, stop: threading.Event, holder: list) -> int:
     settings = ServingSettings(max_batch_size=args.max_batch_size, dynamic_batching=not args.no_dynamic_batching,
                                max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                                device=args.device, threads=args.threads, max_pixels=args.max_pixels,
-                               max_image_bytes=args.max_image_bytes, image_model=not args.no_image_model)
+                               max_image_bytes=args.max_image_bytes, max_queue_size=args.max_queue_size,
+                               image_model=not args.no_image_model)
     try:
         server = EmbeddingServer(args.model, model_name=args.model_name, host=args.host, http_port=args.http_port,
                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port, settings=settings,
-                                 exit_timeout=args.exit_timeout, verbose=args.verbose)
+                                 exit_timeout=args.exit_timeout, probe_interval=args.probe_interval,
+                                 verbose=args.verbose)
         holder.append(server)
         if stop.is_set():
             return 0
@@ -574,8 +724,12 @@ def _serve(args, stop: threading.Event, holder: list) -> int:
         return 1
     if server.leftover_segments:
         print(f"warning: removed shared memory left behind: {', '.join(server.leftover_segments)}", file=sys.stderr)
-    how = ("models unloaded; tritonserver, waiting for idle HTTP connections, stopped with SIGKILL"
-           if server.killed_after_unload else f"tritonserver exit status {server.process_returncode}")
+    how = f"tritonserver exit status {server.process_returncode}"
+    if server.exit_timeout_expired:
+        how = (f"tritonserver waited --exit-timeout {server.exit_timeout} s for open HTTP connections, then exited "
+               "without unloading the models")
+    if server.killed_leftovers:
+        how += f"; killed {len(server.killed_leftovers)} leftover process(es) of its group"
     print(f"stopped ({how})", file=sys.stderr)
     return 0 if code == 0 else 1
 

@@ -10,9 +10,11 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +131,8 @@ class ServerProcess:
             time.sleep(0.1)
         left = [f"process {p}" for p in self.tree if alive(p)]
         left += [f"/dev/shm/{p.name}" for p in Path("/dev/shm").glob(f"byolkit_{self.proc.pid}_*")]
-        from serving.server import WORKSPACE_ROOT
-        left += [str(p) for p in WORKSPACE_ROOT.glob(f"ws-{self.proc.pid}-*")]
+        from serving.server import workspace_root
+        left += [str(p) for p in workspace_root().glob(f"ws-{self.proc.pid}-*")]
         return left
 
 
@@ -167,3 +169,11 @@ def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a bomb's header: nothing else is read before refusing)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))

@@ -276,11 +276,31 @@ def mounts(spec: dict) -> dict[str, str]:
 
 def published(spec: dict) -> dict[int, int]:
     """container port -> host port."""
+    return {container: host for container, (_, host) in published_on(spec).items()}
+
+
+def published_on(spec: dict) -> dict[int, tuple[str, int]]:
+    """container port -> (host address, host port); the address is "" when none is given (every interface)."""
     out = {}
     for p in spec.get("ports", []):
-        host, _, container = str(p).rpartition(":")
-        out[int(container)] = int(host)
+        m = re.fullmatch(r"(?:([\d.]+|\[[0-9a-fA-F:]+\]):)?(\d+):(\d+)", str(p))
+        assert m, f"short port syntax [ADDRESS:]HOST:CONTAINER: {p}"
+        out[int(m.group(3))] = (m.group(1) or "", int(m.group(2)))
     return out
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_published_ports_are_bound_to_this_machine_only(name):
+    """No authentication anywhere: a published port listens on 127.0.0.1 unless the user chooses otherwise
+    (README, "Security", says how to expose the app behind a proxy)."""
+    for service, spec in compose(name)["services"].items():
+        for container, (address, _) in published_on(spec).items():
+            assert address == "127.0.0.1", f"{name}: {service} publishes {container} on {address or 'every interface'}"
+    text = (REPO_ROOT / "README.md").read_text()
+    assert "\n## Security\n" in text
+    security = text.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    for words in ("127.0.0.1", "proxy", "model-control-mode", "not protected"):
+        assert words in security.lower(), f"README's Security section does not mention {words!r}"
 
 
 def covering_mount(spec: dict, path: str) -> str | None:

@@ -83,7 +83,7 @@ def _started(server: ServerProcess):
 def server(repository, tmp_path_factory):
     """The server on export.triton's repository, as production runs it, with small limits to test."""
     s = _started(ServerProcess(repository, tmp_path_factory.mktemp("server"), "--max-image-bytes", MAX_IMAGE_BYTES,
-                               "--max-queue-delay-us", 5000))
+                               "--max-queue-delay-us", 5000, "--exit-timeout", 5))
     yield s
     code = s.stop()
     leaks = s.leaks()
@@ -94,7 +94,7 @@ def server(repository, tmp_path_factory):
 def batching_server(onnx_model, tmp_path_factory):
     """Batches of exactly 4: the queue waits up to 3 s for 4 requests, so 4 sent together run as one."""
     s = _started(ServerProcess(onnx_model, tmp_path_factory.mktemp("batching"), "--max-batch-size", 4,
-                               "--max-queue-delay-us", 3_000_000))
+                               "--max-queue-delay-us", 3_000_000, "--exit-timeout", 5))
     yield s
     assert s.stop() == 0 and not s.leaks()
 
@@ -437,7 +437,7 @@ def float_server(tmp_path_factory):
     from export.onnx import export_onnx
     tmp = tmp_path_factory.mktemp("float")
     export_onnx(SOURCE, tmp / "float.onnx", input_kind="float", exporter="torchscript")  # the fast exporter
-    s = _started(ServerProcess(tmp / "float.onnx", tmp))
+    s = _started(ServerProcess(tmp / "float.onnx", tmp, "--exit-timeout", 5))
     yield s
     assert s.stop() == 0 and not s.leaks()
 

@@ -34,7 +34,8 @@ def test_help_explains_every_flag():
     assert proc.returncode == 0
     for flag in ("--model", "--model-name", "--host", "--http-port", "--grpc-port", "--metrics-port",
                  "--max-batch-size", "--max-queue-delay-us", "--no-dynamic-batching", "--instances", "--device",
-                 "--threads", "--max-pixels", "--max-image-bytes", "--no-image-model", "--exit-timeout", "--verbose"):
+                 "--threads", "--max-pixels", "--max-image-bytes", "--max-queue-size", "--probe-interval",
+                 "--no-image-model", "--exit-timeout", "--verbose"):
         assert flag in proc.stdout
     for words in ("NAME_image", "image_bytes", "raw=true", "SIGTERM", "127.0.0.1", "/metrics", "export.triton"):
         assert words in proc.stdout
@@ -129,7 +130,7 @@ def test_sigint_stops_it_cleanly_even_when_started_with_sigint_ignored(onnx_mode
 
 
 def test_sigterm_stops_it_cleanly_and_the_client_retries_while_it_starts(onnx_model, tmp_path):
-    server = ServerProcess(onnx_model, tmp_path, "--no-image-model")
+    server = ServerProcess(onnx_model, tmp_path, "--no-image-model", "--exit-timeout", 3)
     try:
         with cf.ThreadPoolExecutor(1) as pool:
             # the client is created before the server can answer: it retries until it can
@@ -137,15 +138,16 @@ def test_sigterm_stops_it_cleanly_and_the_client_retries_while_it_starts(onnx_mo
             server.start()
             client = early.result(timeout=120)
         assert client.remote.retried > 0 and not client.server_decodes
-        # the HTTP client keeps its connection open (keep-alive) while the server stops: Triton's own
-        # shutdown would wait for it until the exit timeout and then kill the backend stubs
+        # the HTTP client keeps its connection open (keep-alive) while the server stops: tritonserver waits
+        # for it up to the exit timeout, then exits without unloading; the server removes what is left
         assert server.stop(signal.SIGTERM, timeout=60) == 0
         assert client.remote.client is not None
     finally:
         server.stop(signal.SIGKILL)
     assert not server.leaks()
     err = server.stderr()
-    assert "stopped (models unloaded" in err and "warning" not in err
+    assert "stopped (tritonserver waited --exit-timeout 3 s for open HTTP connections" in err
+    assert "warning" not in err
 
 
 def test_a_killed_server_takes_tritonserver_with_it_and_is_cleaned_up_at_the_next_start(onnx_model, tmp_path):
@@ -153,14 +155,14 @@ def test_a_killed_server_takes_tritonserver_with_it_and_is_cleaned_up_at_the_nex
     try:
         server.start()
         pid = server.proc.pid
-        assert list(srv.WORKSPACE_ROOT.glob(f"ws-{pid}-*"))
+        assert list(srv.workspace_root().glob(f"ws-{pid}-*"))
         os.kill(pid, signal.SIGKILL)  # no chance to clean up
         server.proc.wait(30)
         deadline = time.monotonic() + 60
         while any(alive(p) for p in server.tree) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [p for p in server.tree if alive(p)]  # tritonserver and its stubs followed (PDEATHSIG)
-        assert list(srv.WORKSPACE_ROOT.glob(f"ws-{pid}-*"))  # left behind by the killed process
+        assert list(srv.workspace_root().glob(f"ws-{pid}-*"))  # left behind by the killed process
         removed = srv.clean_stale()  # what every start does first
         assert any(f"ws-{pid}-" in r for r in removed)
     finally:
