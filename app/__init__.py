@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 
+MAX_UPLOAD_BYTES = 25 * 2**20  # the largest file a visitor of the page may upload (a large photo is a few MB)
+
 # import name -> what it is for, checked before work starts so that a missing extra is one clear line
 NEEDS = {"faiss": "the index (faiss-cpu)", "onnxruntime": "in-process embedding (onnxruntime)",
          "gradio": "the page (gradio)", "onnx": "the main job's export (onnx)",

@@ -13,6 +13,9 @@ import re
 import sys
 
 from export.contract import DEFAULT_MODEL_NAME
+from trainer.preprocess import MAX_PIXELS
+
+from . import MAX_UPLOAD_BYTES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,8 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve = p.add_argument_group("serving an existing index")
     serve.add_argument("--index", help="index directory (python -m app.index build); without it, the main job runs")
-    serve.add_argument("--examples", metavar="DIR", help="example query images shown on the page "
-                       "(default: a few images of the index)")
+    serve.add_argument("--examples", metavar="DIR", help="example query images shown on the page: up to 12 image "
+                       "files of DIR (not its sub-folders), copied (default: a few images of the index)")
     enc = p.add_argument_group("encoder (with --index: one of them is required; without: skips the training)")
     enc.add_argument("--model", metavar="MODEL.onnx", help="an exported encoder, run in this process")
     enc.add_argument("--server", metavar="URL", help="a byolkit server: grpc://host:8001 or http://host:8000")
@@ -50,6 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       "0.0.0.0 for every interface)")
     page.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
     page.add_argument("-k", type=int, default=10, help="neighbours shown at first (default %(default)s)")
+    page.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                      help="largest file a visitor may upload, in MiB (default %(default)g)")
+    page.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                      help="largest image accepted, in pixels, checked before decoding (default %(default)s)")
     return p
 
 
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
         parser.error("-k must be between 1 and 100")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if args.max_upload_mb <= 0 or args.max_pixels < 1:
+        parser.error("--max-upload-mb and --max-pixels must be positive")
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[smhSMH]?\s*", args.train_time) or float(
             re.sub(r"[^\d.]", "", args.train_time)) <= 0:
         parser.error(f"--train-time: not a duration: {args.train_time!r} (use e.g. 90s, 2m, 1h)")
@@ -97,25 +106,26 @@ def serve(args) -> int:
         index = SearchIndex.load(args.index)
         encoder = open_encoder(args.model, args.server, args.model_name)
         index.check_model(encoder.model)
-        if args.examples:
-            from trainer.preprocess import IMAGE_EXTENSIONS
+        limits = {"max_pixels": args.max_pixels, "max_upload_bytes": int(args.max_upload_mb * 2**20)}
+        if args.examples:  # the app serves copies of the image files, never the folder itself
             folder = Path(args.examples)
             if not folder.is_dir():
                 raise AppError(f"--examples {folder} is not a folder")
-            examples = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:12]
-        else:  # a few images of the index, copied out of it (it may be a zip) into a temporary folder
-            import os
+            state = AppState(index, encoder, k=args.k, examples=sorted(folder.iterdir()), **limits)
+            if not state.examples:
+                state.close()
+                raise AppError(f"--examples {folder} holds no image files that can be used (at most 10 MB and "
+                               f"{args.max_pixels} pixels each)")
+        else:  # a few images of the index, copied out of it (it may be a zip)
             import tempfile
 
             from .quickstart import sample_examples
-            base = os.environ.get("GRADIO_TEMP_DIR") or None
-            if base:
-                Path(base).mkdir(parents=True, exist_ok=True)
-            examples = sample_examples(index, Path(tempfile.mkdtemp(prefix="byolkit-examples-", dir=base)))
+            with tempfile.TemporaryDirectory(prefix="byolkit-examples-") as folder:
+                state = AppState(index, encoder, k=args.k, examples=sample_examples(index, Path(folder)), **limits)
     except USER_ERRORS + (AppError,) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(AppState(index, encoder, k=args.k, examples=examples), host=args.host, port=args.port)
+    launch(state, host=args.host, port=args.port)
     return 0
 
 

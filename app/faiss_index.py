@@ -23,9 +23,15 @@ On disk an index is a directory:
   index-<gen>.faiss      the FAISS index over them
   items-<gen>.jsonl      one line per vector: {"source": i, "name": path or archive member, "label": class}
 
+  index.lock             the writers' lock (see below); its content is the last writer's pid
+
 Every save writes a new generation of the data files, then replaces index.json atomically, then
 removes the previous generation: a reader, or a crash at any point, sees the old index or the new
-one, never a mix. One writer at a time is assumed.
+one, never a mix. One writer at a time: every change (build, add, save) holds an exclusive lock on
+index.lock (flock, across processes) for its whole read-modify-write, re-reads the index first if
+another writer saved a newer generation meanwhile (`SearchIndex.writing`), and `save` refuses to
+write over a generation newer than the one it was loaded from. Files of a generation left by a
+crashed save are removed on the next load (under the lock).
 
 Vectors from a different model are refused (fingerprint and embedding size are checked), since
 distances between two models' embeddings mean nothing.
@@ -35,13 +41,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 MANIFEST_NAME = "index.json"
+LOCK_NAME = "index.lock"
 INDEX_FORMAT = "byolkit-index/1"
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 AUTO_EXACT_MAX = 50_000       # up to here exact search answers a query in tens of milliseconds on a CPU
@@ -61,6 +71,58 @@ class SearchIndexError(ValueError):
 
 class ModelMismatchError(SearchIndexError):
     """Embeddings from a model other than the one the index was built with."""
+
+
+class IndexBusyError(SearchIndexError):
+    """Another process (or thread) is changing the index right now."""
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer at a time
+# ----------------------------------------------------------------------------------------------
+_HELD = threading.local()  # per thread: {lock path: depth}, so that a writer may re-enter its own lock
+
+
+@contextmanager
+def index_lock(directory, wait: bool = False, on_wait=None):
+    """Hold the writers' lock of the index in `directory` (which must exist).
+
+    An exclusive flock on directory/index.lock, so it holds across processes and is released by the
+    kernel if the holder dies. Re-entrant within a thread; another thread or process gets
+    IndexBusyError at once, or with `wait` blocks until the holder is done (`on_wait(message)` is
+    told first)."""
+    import fcntl
+    path = Path(directory) / LOCK_NAME
+    key = str(path.resolve())
+    held = _HELD.__dict__.setdefault("depth", {})
+    if key in held:
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            if not wait:
+                raise IndexBusyError(f"another process (pid {holder}) is changing the index at {directory}; "
+                                     "try again when it has finished (the command line waits with --wait)") from None
+            if on_wait:
+                on_wait(f"waiting for another process (pid {holder}) to finish changing the index at {directory}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        held[key] = 1
+        try:
+            yield
+        finally:
+            del held[key]
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def normalize(vectors) -> np.ndarray:
@@ -245,6 +307,7 @@ class SearchIndex:
     target_recall: float = DEFAULT_TARGET_RECALL
     build_seconds: float = 0.0
     tune_seconds: float = 0.0
+    generation: int = 0                            # of the files on disk this copy was loaded from or saved as
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -- construction ------------------------------------------------------------------------
@@ -518,77 +581,133 @@ class SearchIndex:
                 "created": self.created, "updated": self.updated, "path": str(self.path) if self.path else None}
 
     # -- disk ----------------------------------------------------------------------------------------
+    @contextmanager
+    def writing(self, wait: bool = False, on_wait=None):
+        """Hold the index's writers' lock for a read-modify-write, this copy brought up to the newest
+        generation on disk first (another process may have saved since it was loaded)."""
+        if self.path is None:
+            raise SearchIndexError("this index has not been saved anywhere")
+        with index_lock(self.path, wait=wait, on_wait=on_wait):
+            if int(_read_manifest(self.path)["generation"]) != self.generation:
+                self.__dict__.update(SearchIndex.load(self.path).__dict__)
+            yield self
+
     def save(self, directory) -> Path:
-        """Write a new generation of the files, then switch index.json to it atomically."""
+        """Write a new generation of the files, then switch index.json to it atomically (under the
+        writers' lock; refused when the directory holds a newer generation than this copy's)."""
         from trainer.checkpoint import atomic_write
         faiss = _faiss()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        old = _read_manifest(directory) if (directory / MANIFEST_NAME).exists() else None
-        generation = int(old["generation"]) + 1 if old else 1
-        while any((directory / f"{stem}-{generation}{ext}").exists() for stem, ext in _FILES.values()):
-            generation += 1  # leftovers of an interrupted save: never write over files we did not commit
-        files = {key: f"{stem}-{generation}{ext}" for key, (stem, ext) in _FILES.items()}
-        with open(directory / files["vectors"], "wb") as f:
-            np.save(f, np.asarray(self.vectors, np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        faiss.write_index(self.faiss_index, str(directory / files["index"]))
-        with open(directory / files["items"], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in self.items)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(directory / files["index"])
-        manifest = {"format": INDEX_FORMAT, "generation": generation, "files": files, "count": len(self),
-                    "embedding_dim": self.dim, "metric": "cosine", "model": self.model,
-                    "index": {"kind": self.kind, "requested": self.requested, "params": self.params,
-                              "recall": self.recall, "target_recall": self.target_recall,
-                              "build_seconds": round(self.build_seconds, 3),
-                              "tune_seconds": round(self.tune_seconds, 3)},
-                    "sources": self.sources, "skipped": self.skipped, "unreadable": self.unreadable,
-                    "created": self.created,
-                    "updated": self.updated, "byolkit_version": _version()}
-        atomic_write(directory / MANIFEST_NAME,
-                     lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8"))
-        keep = set(files.values()) | {MANIFEST_NAME}
-        for p in directory.iterdir():  # the previous generation and any interrupted one
-            if p.is_file() and p.name not in keep and _is_ours(p.name):
-                p.unlink(missing_ok=True)
-        self.path = directory
+        with index_lock(directory):
+            old = _read_manifest(directory) if (directory / MANIFEST_NAME).exists() else None
+            if old and self.path is not None and _same_dir(self.path, directory) \
+                    and int(old["generation"]) != self.generation:
+                raise SearchIndexError(f"the index at {directory} was changed by another process since this copy was "
+                                       f"loaded (generation {self.generation}, now {old['generation']}); load it "
+                                       "again and repeat the change")
+            generation = int(old["generation"]) + 1 if old else 1
+            while any((directory / f"{stem}-{generation}{ext}").exists() for stem, ext in _FILES.values()):
+                generation += 1  # leftovers of an interrupted save: never write over files we did not commit
+            files = {key: f"{stem}-{generation}{ext}" for key, (stem, ext) in _FILES.items()}
+            with open(directory / files["vectors"], "wb") as f:
+                np.save(f, np.asarray(self.vectors, np.float32))
+                f.flush()
+                os.fsync(f.fileno())
+            faiss.write_index(self.faiss_index, str(directory / files["index"]))
+            with open(directory / files["items"], "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in self.items)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_path(directory / files["index"])
+            manifest = {"format": INDEX_FORMAT, "generation": generation, "files": files, "count": len(self),
+                        "embedding_dim": self.dim, "metric": "cosine", "model": self.model,
+                        "index": {"kind": self.kind, "requested": self.requested, "params": self.params,
+                                  "recall": self.recall, "target_recall": self.target_recall,
+                                  "build_seconds": round(self.build_seconds, 3),
+                                  "tune_seconds": round(self.tune_seconds, 3)},
+                        "sources": self.sources, "skipped": self.skipped, "unreadable": self.unreadable,
+                        "created": self.created,
+                        "updated": self.updated, "byolkit_version": _version()}
+            atomic_write(directory / MANIFEST_NAME,
+                         lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8"))
+            _remove_stale(directory, files)  # the previous generation and any interrupted one
+        self.path, self.generation = directory, generation
         return directory
 
     @classmethod
     def load(cls, directory, mmap: bool = True) -> SearchIndex:
-        faiss = _faiss()
+        """The index saved in `directory`. Files of an interrupted save are removed (when no writer
+        is at work); a save that lands while this reads is followed to its new generation."""
         directory = Path(directory)
-        m = _read_manifest(directory)
+        for attempt in range(5):
+            m = _read_manifest(directory)
+            try:
+                out = cls._open(directory, m, mmap)
+                break
+            except FileNotFoundError as e:  # a writer replaced the generation between the two reads?
+                if attempt == 4 or _read_manifest(directory)["generation"] == m["generation"]:
+                    raise SearchIndexError(f"the index in {directory} is damaged (missing {Path(e.filename).name})")
+        try:
+            with index_lock(directory):
+                _remove_stale(directory, _read_manifest(directory)["files"])
+        except (IndexBusyError, OSError):
+            pass  # a writer at work (its new files are not stale), or a read-only index
+        return out
+
+    @classmethod
+    def _open(cls, directory: Path, m: dict, mmap: bool) -> SearchIndex:
+        faiss = _faiss()
         files = m["files"]
         try:
             vectors = np.load(directory / files["vectors"], mmap_mode="r" if mmap else None)
             index = faiss.read_index(str(directory / files["index"]))
             with open(directory / files["items"], encoding="utf-8") as f:
                 items = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            raise
         except (OSError, ValueError, RuntimeError) as e:
+            if not (directory / files["index"]).exists():  # faiss reports a missing file as a RuntimeError
+                raise FileNotFoundError(2, "missing", str(directory / files["index"])) from None
             raise SearchIndexError(f"the index in {directory} is damaged ({type(e).__name__}: {e})") from None
         if not (len(vectors) == index.ntotal == len(items) == int(m["count"])):
             raise SearchIndexError(f"the index in {directory} is inconsistent: {len(vectors)} vectors, {index.ntotal} "
-                              f"indexed, {len(items)} items, manifest says {m['count']}")
+                                   f"indexed, {len(items)} items, manifest says {m['count']}")
         ix = m["index"]
-        out = cls(dim=int(m["embedding_dim"]), model=m["model"], kind=ix["kind"], requested=ix["requested"],
-                  params=dict(ix["params"]), recall=ix.get("recall"), sources=m["sources"], items=items,
-                  skipped=int(m.get("skipped", 0)), unreadable=list(m.get("unreadable", [])), created=m.get("created", ""), updated=m.get("updated", ""),
-                  vectors=vectors, faiss_index=index, path=directory,
-                  target_recall=float(ix.get("target_recall", DEFAULT_TARGET_RECALL)),
-                  build_seconds=float(ix.get("build_seconds", 0.0)), tune_seconds=float(ix.get("tune_seconds", 0.0)))
-        return out
+        try:
+            return cls(dim=int(m["embedding_dim"]), model=m["model"], kind=ix["kind"], requested=ix["requested"],
+                       params=dict(ix["params"]), recall=ix.get("recall"), sources=m["sources"], items=items,
+                       skipped=int(m.get("skipped", 0)), unreadable=list(m.get("unreadable", [])),
+                       created=m.get("created", ""), updated=m.get("updated", ""),
+                       vectors=vectors, faiss_index=index, path=directory,
+                       target_recall=float(ix.get("target_recall", DEFAULT_TARGET_RECALL)),
+                       build_seconds=float(ix.get("build_seconds", 0.0)), tune_seconds=float(ix.get("tune_seconds", 0.0)),
+                       generation=int(m["generation"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SearchIndexError(f"{directory / MANIFEST_NAME} is damaged or was edited by hand ({type(e).__name__}: "
+                                   f"{e}); rebuild the index with `python -m app.index build --force`") from None
 
 
 _FILES = {"vectors": ("vectors", ".npy"), "index": ("index", ".faiss"), "items": ("items", ".jsonl")}
 
 
 def _is_ours(name: str) -> bool:
-    import re
     return bool(re.fullmatch(r"(vectors-\d+\.npy|index-\d+\.faiss|items-\d+\.jsonl|\.index\.json\..*\.tmp)", name))
+
+
+def _remove_stale(directory: Path, files: dict) -> None:
+    """Remove every data file of ours but the generation `files` (call with the writers' lock held)."""
+    keep = set(files.values()) | {MANIFEST_NAME}
+    for p in directory.iterdir():
+        if p.name not in keep and _is_ours(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def is_index_dir(directory) -> bool:
@@ -605,8 +724,32 @@ def _read_manifest(directory: Path) -> dict:
     except (OSError, ValueError) as e:
         raise SearchIndexError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != INDEX_FORMAT:
-        raise SearchIndexError(f"{path} is not a byolkit index manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+        raise SearchIndexError(f"{path} is not a byolkit index manifest "
+                               f"(format={m.get('format') if isinstance(m, dict) else None!r})")
+    problem = _manifest_problem(m)
+    if problem:
+        raise SearchIndexError(f"{path} is damaged or was edited by hand ({problem}); rebuild the index with "
+                               "`python -m app.index build --force`")
     return m
+
+
+# what a manifest must hold (the rest has defaults): key -> type, and inside "files" and "index"
+_MANIFEST_KEYS = {"generation": int, "files": dict, "count": int, "embedding_dim": int, "model": dict,
+                  "index": dict, "sources": list}
+_MANIFEST_INDEX_KEYS = {"kind": str, "requested": str, "params": dict}
+
+
+def _manifest_problem(m: dict) -> str | None:
+    for where, keys, d in (("", _MANIFEST_KEYS, m), ("index.", _MANIFEST_INDEX_KEYS, m.get("index"))):
+        for key, kind in keys.items():
+            if key not in d:
+                return f'no "{where}{key}"'
+            if not isinstance(d[key], kind) or isinstance(d[key], bool):
+                return f'"{where}{key}" is not a{"n" * (kind is int)} {kind.__name__}'
+    for key, (stem, ext) in _FILES.items():  # plain names of this directory's own files, nothing else
+        if not re.fullmatch(rf"{stem}-\d+{re.escape(ext)}", str(m["files"].get(key))):
+            return f'"files.{key}" is not a {stem}-N{ext} name'
+    return None
 
 
 def _check_items(items, n: int, start: int = 0) -> list:

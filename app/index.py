@@ -10,6 +10,8 @@ The encoder is an exported ONNX file run in process (--model) or a byolkit serve
 images get exact search; larger ones an approximate index (HNSW, or IVF-PQ beyond 500,000), tuned to
 recall@10 >= --target-recall against exact search; --index-type picks one by name.
 An index refuses embeddings of any other model than the one it was built with.
+One writer at a time: `build` and `add` on an index another process is changing stop with an
+error (exit status 1), or wait for it with --wait.
 """
 from __future__ import annotations
 
@@ -78,6 +80,8 @@ def _common(p):
     _encoder_flags(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per request to the encoder (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--wait", action="store_true", help="if another process is changing the index, wait for it "
+                   "to finish (default: stop with an error)")
 
 
 def _log(msg: str) -> None:
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
 
     from . import ops
     from .embedding import open_encoder
-    from .faiss_index import SearchIndex
+    from .faiss_index import IndexBusyError, SearchIndex
 
     try:
         if args.command == "info":
@@ -127,13 +131,14 @@ def main(argv=None) -> int:
         if args.command == "build":
             index, report = ops.build_index(encoder, args.images, args.out, kind=args.index_type,
                                             target_recall=args.target_recall, batch_size=args.batch_size,
-                                            force=args.force, progress=not args.no_progress, log=_log)
+                                            force=args.force, progress=not args.no_progress, log=_log,
+                                            wait=args.wait)
             _report_skipped(report.skipped)
             print(f"indexed {len(index)} images from {args.images} into {args.out} "
                   f"({len(report.skipped)} unreadable skipped): {_describe(index)}")
         elif args.command == "add":
             report = ops.add_collection(index, encoder, args.images, batch_size=args.batch_size,
-                                        progress=not args.no_progress, log=_log)
+                                        progress=not args.no_progress, log=_log, wait=args.wait)
             _report_skipped(report.skipped)
             print(f"{report.line()}; the index holds {len(index)} images: {_describe(index)}")
         else:
@@ -145,6 +150,9 @@ def main(argv=None) -> int:
                 for h in hits:
                     print(f"{h['rank']:>4}  {h['score']:>10.4f}  {(h['label'] or '-'):<12}  {h['path']}")
         return 0
+    except IndexBusyError as e:  # not bad input: the same command works once the other writer is done
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ops.USER_ERRORS + (ops.AppError,) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,15 +7,23 @@ Three tabs over one index and one encoder (in process or a server):
   Index    what is loaded (size, model, index type, recall), and adding images from the page
 
 The handlers (`AppState.search`, `.embed`, `.add`, `.describe`) are plain functions, tested
-without a browser. Any failure reaches the page as a one-line message in the tab's status box;
-tracebacks go to the server's log only.
+without a browser. Any failure reaches the page as a one-line message in the tab's status box,
+without the server's paths; tracebacks go to the server's log only.
+
+What a visitor can make the app hold is bounded: uploads up to `max_upload_bytes` each (Gradio's
+max_file_size), images up to `max_pixels` (checked from the header before decoding, and every
+image reduced to the model's input size at once). Everything the app writes (uploads, downloads,
+examples) lives in one private temporary folder of its own, cleaned by Gradio's delete_cache while
+it runs and removed when it stops. Text from images, labels and files is escaped before it is shown.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -25,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, load_rgb
+
+from . import MAX_UPLOAD_BYTES
 from .embedding import Encoder
 from .faiss_index import SearchIndex
 from .ops import USER_ERRORS, AppError, add_files, embed_one, query
@@ -33,32 +44,55 @@ log = logging.getLogger("byolkit.app")
 THUMBNAIL = 192     # gallery images are scaled to fit this square (a CPU encoder's images are small anyway)
 MAX_K = 100
 PREVIEW_DIMS = 8    # embedding values shown on the page per image; the downloads hold all of them
+MAX_EXAMPLES = 12
+MAX_EXAMPLE_BYTES = 10 * 2**20
+DELETE_CACHE = (600, 3600)      # Gradio removes the app's temporary files older than an hour, every 10 minutes
 
 
 _IO_REPR = re.compile(r"\s*<_io\.[A-Za-z]+ name=(?:'[^']*'|\d+)>")
 
 
+def _temporary_roots() -> list[str]:
+    """Folders whose paths say nothing to a visitor: Gradio's upload folder and the system's temp."""
+    roots = {os.environ.get("GRADIO_TEMP_DIR"), tempfile.gettempdir()}
+    return sorted((str(Path(r).resolve()) for r in roots if r), key=len, reverse=True)
+
+
 def _clean(text: str) -> str:
-    """Pillow names the file object it was given (<_io.BufferedReader name=...>): not for the page."""
-    return _IO_REPR.sub("", text)
+    """A message for the page: no file objects (Pillow names them: <_io.BufferedReader name=...>)
+    and no server folders (an upload is named by its file name only)."""
+    text = _IO_REPR.sub("", text)
+    for root in _temporary_roots():
+        text = re.sub(re.escape(root) + r"/(?:[^/\s'\"]+/)*", "", text)
+    return text
+
+
+def _md(text) -> str:
+    """Any text shown through Markdown, made inert: HTML escaped, and Markdown's link, emphasis,
+    code and table characters (and bare URLs) written as character references."""
+    text = html.escape(str(text).replace("\n", " "), quote=False)
+    text = re.sub(r"[\\`*_\[\]|~!#]", lambda m: f"&#{ord(m.group())};", text)
+    return re.sub(r"(?i)\bwww\.", lambda m: m.group()[:3] + "&#46;", text.replace("://", "&#58;//"))
 
 
 def _message(e: Exception) -> str:
     if isinstance(e, USER_ERRORS + (AppError,)):
         return _clean(str(e))
     log.error("unexpected error\n%s", traceback.format_exc())
-    return f"internal error ({type(e).__name__}: {e}); details are in the server's log"
+    return _clean(f"internal error ({type(e).__name__}: {e}); details are in the server's log")
 
 
 def _status(text: str, error: bool = False) -> str:
-    return f"**Error:** {text}" if error else text
+    return f"**Error:** {_md(text)}" if error else _md(text)
 
 
 def _as_image(value):
     """What a Gradio input hands over (PIL image, numpy array, file path, file object) -> PIL/path/bytes."""
     if value is None:
         return None
-    if isinstance(value, dict) and "path" in value:  # FileData-like
+    if isinstance(value, dict) and "path" in value:  # FileData-like (the page's query image, unprocessed)
+        if not value["path"]:
+            raise AppError("the image did not arrive; upload it again")
         return value["path"]
     path = getattr(value, "name", None) if not isinstance(value, (str, Path)) else value
     if isinstance(value, np.ndarray):
@@ -70,13 +104,45 @@ def _as_image(value):
 class AppState:
     """The loaded index and encoder, and the handlers the page calls."""
 
-    def __init__(self, index: SearchIndex, encoder: Encoder, *, k: int = 10, examples=(), downloads_dir=None):
+    def __init__(self, index: SearchIndex, encoder: Encoder, *, k: int = 10, examples=(), downloads_dir=None,
+                 max_pixels: int = MAX_PIXELS, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+        """`examples`: image files copied into the app's own folder (those that are not image files
+        of at most MAX_EXAMPLE_BYTES and `max_pixels`, after the first MAX_EXAMPLES, are left out)."""
         self.index, self.encoder, self.k = index, encoder, int(k)
-        self.examples = [str(p) for p in examples]
+        self.max_pixels, self.max_upload_bytes = int(max_pixels), int(max_upload_bytes)
         self.lock = threading.RLock()  # searches read the index while an upload may be extending it
         base = downloads_dir or os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()
         Path(base).mkdir(parents=True, exist_ok=True)
-        self.downloads = Path(tempfile.mkdtemp(prefix="byolkit-embeddings-", dir=base))
+        self.workdir = Path(tempfile.mkdtemp(prefix="byolkit-app-", dir=base))  # 0700: this user's only
+        self.downloads = self.workdir / "downloads"
+        self.downloads.mkdir()
+        self.examples = self._copy_examples(examples)
+
+    def _copy_examples(self, files) -> list[str]:
+        folder = self.workdir / "examples"
+        folder.mkdir()
+        kept = []
+        for f in files:
+            f = Path(f)
+            if len(kept) == MAX_EXAMPLES:
+                break
+            try:
+                if f.suffix.lower() not in IMAGE_EXTENSIONS or f.is_symlink() or not f.is_file() \
+                        or f.stat().st_size > MAX_EXAMPLE_BYTES:
+                    continue
+                data = f.read_bytes()
+                load_rgb(data, max_pixels=self.max_pixels)
+            except (OSError, ImageDecodeError) as e:
+                log.warning("example %s left out: %s", f, e)
+                continue
+            target = folder / f"{len(kept):02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', f.name)}"
+            target.write_bytes(data)
+            kept.append(str(target))
+        return kept
+
+    def close(self) -> None:
+        """Remove the app's temporary folder (uploads, downloads, examples)."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- Search ------------------------------------------------------------------------------
     def search(self, image, k=None):
@@ -90,7 +156,7 @@ class AppState:
                 raise AppError(f"k must be between 1 and {MAX_K}")
             started = time.perf_counter()
             with self.lock:
-                hits = query(self.index, self.encoder, image, k)
+                hits = query(self.index, self.encoder, image, k, max_pixels=self.max_pixels)
                 gallery = [(self._thumbnail(h["id"]), self._caption(h)) for h in hits]
             ms = (time.perf_counter() - started) * 1e3
             return gallery, _status(f"{len(hits)} nearest of {len(self.index)} images ({self.index.kind} index), "
@@ -129,9 +195,9 @@ class AppState:
                 path = _as_image(f)
                 name = Path(str(path)).name if isinstance(path, (str, Path)) else f"image {len(names) + 1}"
                 try:
-                    vectors.append(embed_one(self.encoder, path))
+                    vectors.append(embed_one(self.encoder, path, max_pixels=self.max_pixels))
                     names.append(name)
-                except USER_ERRORS as e:
+                except USER_ERRORS + (AppError,) as e:
                     problems.append(f"{name}: {_clean(str(e))}")
             if not vectors:
                 raise AppError("no readable image among those given (" + "; ".join(problems) + ")")
@@ -168,18 +234,18 @@ class AppState:
             quality = f"recall@{r['k']} = {r['value']} against exact search ({r['queries']} held-out queries)"
         else:
             quality = "approximate; too few images to measure recall, searching exhaustively"
-        sources = ", ".join(f"{s['kind']} `{s['path']}`" for s in ix.sources) or "-"
+        sources = ", ".join(f"{s['kind']} {s['path']}" for s in ix.sources) or "-"
         labels = sorted({it["label"] for it in ix.items if it.get("label")})
         rows = [("images", f"{len(ix)}" + (f" ({ix.skipped} unreadable skipped)" if ix.skipped else "")),
                 ("index type", f"{ix.kind} ({'chosen by size' if ix.requested == 'auto' else 'asked for'}); {quality}"),
                 ("model", (f"{m.get('arch', '?')} ({m.get('stem', '?')} stem), {ix.dim}-d embeddings, "
-                          f"input {m.get('input_size', '?')} px, fingerprint `{m.get('fingerprint')}`")),
-                ("encoder", f"`{self.encoder.source}`"),
+                          f"input {m.get('input_size', '?')} px, fingerprint {m.get('fingerprint')}")),
+                ("encoder", self.encoder.source),
                 ("sources", sources),
                 ("labels", ", ".join(labels[:20]) + (" ..." if len(labels) > 20 else "") if labels else "-"),
-                ("location", f"`{ix.path}`" if ix.path else "not saved"),
+                ("location", ix.path or "not saved"),
                 ("updated", ix.updated or ix.created or "-")]
-        return "| index | |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+        return "| index | |\n| --- | --- |\n" + "\n".join(f"| {a} | {_md(b)} |" for a, b in rows)
 
     def add(self, files, label=""):
         """-> (status markdown, index description)."""
@@ -189,7 +255,8 @@ class AppState:
                 raise AppError("choose one or more images to add")
             label = (label or "").strip() or None
             with self.lock:
-                report = add_files(self.index, self.encoder, files, labels=[label] * len(files))
+                report = add_files(self.index, self.encoder, files, labels=[label] * len(files),
+                                   max_pixels=self.max_pixels)
             status = f"{report.line()}; the index now holds {len(self.index)} images"
             if report.skipped:
                 status += ". Unreadable: " + "; ".join(f"{n} ({_clean(r)})" for n, r in report.skipped[:5])
@@ -202,14 +269,16 @@ def build_app(state: AppState):
     """The Gradio Blocks page over `state`."""
     import gradio as gr
 
-    with gr.Blocks(title="byolkit: similar images", analytics_enabled=False) as demo:
+    with gr.Blocks(title="byolkit: similar images", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# byolkit: similar images\nFind the indexed images nearest to any picture, by cosine "
                     "similarity of BYOL embeddings.")
         with gr.Tab("Search", id="search"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    query_image = gr.Image(label="Query image", type="pil", sources=["upload", "clipboard"],
-                                           elem_id="query-image", height=256)
+                    # a file path, decoded by the handler through the preprocessing contract (pixel limit
+                    # first); the events below skip Gradio's own decoding (preprocess=False)
+                    query_image = gr.Image(label="Query image", type="filepath", image_mode=None,
+                                           sources=["upload", "clipboard"], elem_id="query-image", height=256)
                     k = gr.Slider(1, MAX_K, value=state.k, step=1, label="k (neighbours)", elem_id="k-slider")
                     search_button = gr.Button("Search", variant="primary", elem_id="search-button")
                     if state.examples:
@@ -219,9 +288,9 @@ def build_app(state: AppState):
                     search_status = gr.Markdown(elem_id="search-status")
                     gallery = gr.Gallery(label="Nearest neighbours", columns=5, height="auto", object_fit="contain",
                                          elem_id="neighbours")
-            search_button.click(state.search, [query_image, k], [gallery, search_status])
+            search_button.click(state.search, [query_image, k], [gallery, search_status], preprocess=False)
             # a new query image (uploaded, pasted or an example picked) searches at once
-            query_image.change(state.search_if_image, [query_image, k], [gallery, search_status])
+            query_image.change(state.search_if_image, [query_image, k], [gallery, search_status], preprocess=False)
 
         with gr.Tab("Embed", id="embed"):
             with gr.Row():
@@ -253,14 +322,19 @@ def build_app(state: AppState):
 
 
 def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve the page; with block=False returns (demo, url) and keeps serving in the background."""
+    """Serve the page; with block=False returns (demo, url) and keeps serving in the background
+    (then demo.close() and state.close() stop it). Gradio keeps its files (uploads, the files it
+    serves) in the app's own temporary folder, removed when the page stops."""
+    os.environ["GRADIO_TEMP_DIR"] = str(state.workdir / "gradio")  # read by Gradio when the page is made
     demo = build_app(state)
-    allowed = sorted({str(Path(p).resolve().parent) for p in state.examples} | {str(state.downloads)})
+    # only the app's own files; never a folder of the user's (the examples are copies)
+    allowed = [str(state.workdir / "examples"), str(state.downloads)]
     demo.queue(default_concurrency_limit=2)
 
     def start():
         _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_error=False,
-                                allowed_paths=allowed, quiet=True, ssr_mode=False)
+                                allowed_paths=allowed, quiet=True, ssr_mode=False,
+                                max_file_size=state.max_upload_bytes)
         print(f"byolkit app: {url}  (index {state.index.path}, {len(state.index)} images; Ctrl-C stops it)",
               flush=True)
         return url
@@ -282,6 +356,7 @@ def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bo
         pass
     finally:
         demo.close()
+        state.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("byolkit app: stopped", flush=True)

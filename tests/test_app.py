@@ -134,3 +134,29 @@ def test_describe_and_page_builds(state):
         assert needle in text
     demo = ui.build_app(state)
     assert demo is not None
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch, model_path, image_folder):
+    set_gradio_env(monkeypatch, tmp_path)
+    encoder = open_encoder(str(model_path))
+    index, _ = build_index(encoder, image_folder, tmp_path / "ix", progress=False)
+    small = ui.AppState(index, encoder, max_pixels=1000)  # the generated images are 44x36 = 1584 pixels
+    image = str(image_folder / "red" / "img_00.png")
+    for status in (small.search(image, 3)[1], small.embed([image])[3], small.add([image], "")[0]):
+        assert "44x36 pixels, above the limit of 1000" in status, status
+    assert len(SearchIndex.load(tmp_path / "ix")) == N
+
+
+def test_page_text_is_inert_and_names_no_server_paths(state, tmp_path):
+    upload = tmp_path / "gradio" / "0123abcd" / "we_ird.png"  # where Gradio keeps an upload
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(image_bytes(make_image((150, 20, 200), 5), "PNG"))
+    hostile = "<img src=x onerror=alert(1)> **bold** [link](http://evil.example) | cell"
+    status, info = state.add([str(upload)], hostile)
+    assert "added 1 image" in status
+    assert "<img" not in info and "**bold**" not in info and "](http" not in info and "| cell" not in info
+    assert "&lt;img src=x onerror=alert(1)&gt; &#42;&#42;bold&#42;&#42;" in info
+    broken = upload.with_name("bro_ken.png")
+    broken.write_bytes(b"\x89PNG, but no")
+    for status in (state.search(str(broken), 3)[1], state.embed([str(broken)])[3]):
+        assert "not a readable image: bro&#95;ken.png" in status and str(tmp_path) not in status, status

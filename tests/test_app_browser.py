@@ -2,7 +2,9 @@
 
 Opens the app over a real index and the stand-in ONNX encoder, uploads a query image, waits for
 k neighbour images, changes k, embeds two images on the Embed tab and downloads the .npy, adds an
-image on the Index tab. Screenshots go to test-artifacts/ at the repository root (or
+image on the Index tab; then what a hostile visitor would try: an image over the pixel limit,
+markup in a label, files outside the app's own folder, an upload over the size limit, and what is
+left on disk when the page stops. Screenshots go to test-artifacts/ at the repository root (or
 $BYOLKIT_TEST_ARTIFACTS), kept after the run.
 """
 from __future__ import annotations
@@ -22,6 +24,9 @@ from app.ops import build_index
 
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 60_000
+MAX_PIXELS = 5_000          # the test images are 44x36 = 1584 pixels
+MAX_UPLOAD = 200_000        # bytes
+HOSTILE_LABEL = "<img src=x onerror=alert(1)>**bold** [link](http://evil.example)"
 
 
 def chromium_path() -> str | None:
@@ -44,10 +49,12 @@ def served(tmp_path, monkeypatch, image_folder):
     set_gradio_env(monkeypatch, tmp_path)
     encoder = open_encoder(str(make_colour_model(tmp_path / "colour.onnx")))
     index, _ = build_index(encoder, image_folder, tmp_path / "ix", progress=False)
-    state = ui.AppState(index, encoder, k=4, examples=[image_folder / "red" / "img_00.png"])
+    state = ui.AppState(index, encoder, k=4, examples=[image_folder / "red" / "img_00.png", image_folder / "README.txt"],
+                        max_pixels=MAX_PIXELS, max_upload_bytes=MAX_UPLOAD)
     demo, url = ui.launch(state, port=free_port(), block=False)
-    yield state, url
+    yield state, url, demo
     demo.close()
+    state.close()
 
 
 def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
@@ -55,7 +62,7 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
     if executable is None:  # only a missing GPU may skip: a missing browser is a failed set-up
         pytest.fail("chromium is not installed (.ci/run installs it with apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
-    state, url = served
+    state, url, demo = served
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
         try:
@@ -106,10 +113,14 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
             new = tmp_path / "purple.png"
             new.write_bytes(image_bytes(make_image((150, 20, 200), 99), "PNG"))
             page.set_input_files("#add-files input[type=file]", str(new))
+            page.locator("#add-label").locator("textarea, input").first.fill(HOSTILE_LABEL)
             page.click("#add-button")
             page.locator("#add-status", has_text="the index now holds 19 images").wait_for()
             assert "| images | 19 |" not in page.locator("#index-info").inner_text()  # rendered as a table
             assert "19" in page.locator("#index-info").inner_text()
+            # the label is shown as the text it is: no image, no link, no emphasis made of it
+            page.locator("#index-info", has_text="<img src=x onerror=alert(1)>**bold** [link](").wait_for()
+            assert page.locator("#index-info img, #index-info a, #index-info strong").count() == 0
             page.screenshot(path=str(artifacts / "app-index.png"), full_page=True)
 
             # an unreadable image among the uploads is reported on the page, not as a trace
@@ -121,7 +132,33 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
             status = page.locator("#embed-status", has_text="Skipped 1 unreadable")
             status.wait_for()
             assert "bad.png: not a readable image" in status.inner_text() and "_io." not in status.inner_text()
+            assert "/gradio/" not in status.inner_text() and str(tmp_path) not in status.inner_text()
             assert "Traceback" not in page.content()
+
+            # Search: an image over the pixel limit is refused by the app, from its header, with its message
+            page.get_by_role("tab", name="Search").click()
+            big = tmp_path / "big.png"
+            big.write_bytes(image_bytes(make_image((10, 10, 10), 1, size=(100, 100)), "PNG"))
+            page.set_input_files("#query-image input[type=file]", str(big))
+            status = page.locator("#search-status", has_text="above the limit")
+            status.wait_for()
+            assert status.inner_text().strip() == f"Error: image big.png is 100x100 pixels, above the limit of {MAX_PIXELS}"
         finally:
             browser.close()
     assert len(state.index) == 19
+
+    # files: the examples are the app's copies, the user's folder is not served; uploads are bounded
+    import httpx
+    assert [Path(p).parent for p in state.examples] == [state.workdir / "examples"]  # README.txt left out
+    for secret in (image_folder / "README.txt", image_folder / "red" / "img_00.png", state.index.path / "index.json"):
+        assert httpx.get(f"{url}gradio_api/file={secret}").status_code in (403, 404), secret
+    upload = f"{url}gradio_api/upload"
+    assert httpx.post(upload, files={"files": ("a.png", b"\0" * 1000)}).status_code == 200
+    refused = httpx.post(upload, files={"files": ("b.png", b"\0" * (MAX_UPLOAD + 1))})
+    assert refused.status_code == 413
+    # when the page stops, nothing it kept (uploads, downloads, examples) is left
+    assert list((state.workdir / "gradio").rglob("big.png"))  # Gradio keeps uploads in the app's folder
+    demo.close()
+    state.close()
+    assert not state.workdir.exists()
+    assert not [p for p in (tmp_path / "gradio").rglob("*.png")]  # nor anywhere else

@@ -133,6 +133,8 @@ def test_serve_an_index(tmp_path, image_folder, sig):
             except OSError:
                 time.sleep(0.5)
         assert page is not None and "byolkit" in page, (tmp_path / "serve.log").read_text()
+        # examples drawn from the index, copied into the app's own folder
+        assert list((tmp_path / "gradio").glob("byolkit-app-*/examples/*example_*.png"))
     finally:
         proc.send_signal(sig)
         try:
@@ -143,7 +145,7 @@ def test_serve_an_index(tmp_path, image_folder, sig):
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
     assert "byolkit app: stopped" in (tmp_path / "serve.log").read_text()
     assert not (tmp_path / "ix" / "examples").exists()  # the index directory is left alone
-    assert list((tmp_path / "gradio").glob("byolkit-examples-*/example_*.png"))  # examples drawn from the index
+    assert not list((tmp_path / "gradio").glob("byolkit-*"))  # the app's folders go when it stops
 
 
 def test_missing_extra_is_one_line(monkeypatch, capsys, tmp_path):

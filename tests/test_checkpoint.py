@@ -132,6 +132,17 @@ def test_atomic_write_replaces_and_keeps_old_file_on_failure(tmp_path):
     assert target.read_text() == "new"
 
 
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    """Not mkstemp's 0600: a file another user of the group could read after open() stays readable."""
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}"))
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+
+
 # -- encoder export ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder_and_input():
@@ -236,10 +247,10 @@ def test_weights_fingerprint_tracks_the_weights():
 
 # -- encoder sources for evaluation and fine-tuning ---------------------------------------------
 def test_open_encoder_sources(tmp_path, encoder_and_input):
-    enc, dim, x = encoder_and_input
+    enc, dim, _x = encoder_and_input
     pre = Preprocessing(40, 48, CIFAR10_MEAN, CIFAR10_STD)
     save_encoder(tmp_path / ENCODER_NAME, enc, arch="resnet18", stem="small", embedding_dim=dim, preprocessing=pre)
-    trained_enc, info = open_encoder(tmp_path)
+    _trained_enc, info = open_encoder(tmp_path)
     assert info["source"] == "byol" and info["fingerprint"] == weights_fingerprint(enc.state_dict())
     # random:PATH: the same architecture and contract, fresh (seeded, reproducible) weights
     fresh, finfo = open_encoder(f"random:{tmp_path}", seed=3)

@@ -60,6 +60,15 @@ def test_zip_collection_matches_folder_without_unpacking(image_folder, image_zip
     assert sorted(p.name for p in image_zip.parent.iterdir()) == before  # nothing extracted
 
 
+def test_zip_member_bigger_than_the_limit_is_not_unpacked(image_zip, monkeypatch):
+    """A zip bomb's member (gigabytes of zeros in kilobytes) is refused from its header, not read."""
+    from trainer import data
+    z = open_collection(str(image_zip))
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 100)  # the generated members are a few kB
+    with pytest.raises(ImageDecodeError, match=r"unpacks to \d+ bytes, above the limit of 100"):
+        z.load(0)
+
+
 def test_zip_collection_pickles_without_its_handle(image_zip):
     import pickle
     z = open_collection(str(image_zip))
@@ -261,6 +270,28 @@ def test_load_rgb_rejects_non_images_and_oversized(tmp_path, dirty_folder):
     with pytest.raises(ImageDecodeError, match="44x36 pixels, above the limit of 1000"):
         load_rgb(png, max_pixels=1000)
     assert load_rgb(png, max_pixels=1584).size == (44, 36)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels (RGB) and holds a few bytes: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_our_pixel_limit_decides_not_pillows():
+    """Pillow refuses headers above 2 x its MAX_IMAGE_PIXELS (179 Mpx) on its own: our limit and our
+    message must decide either way, from the header, before anything is decoded."""
+    bomb = png_header(20_000, 10_000)  # 200 Mpx in 100 bytes
+    with pytest.raises(ImageDecodeError, match="is 200000000 pixels, above the limit of 64000000"):
+        load_rgb(bomb)
+    with pytest.raises(ImageDecodeError, match="20000x10000 pixels, above the limit of 150000000"), \
+            pytest.warns(Image.DecompressionBombWarning):  # Pillow alone would refuse it as a bomb here
+        load_rgb(bomb, max_pixels=150_000_000)
 
 
 def test_load_rgb_converts_modes():

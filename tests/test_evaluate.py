@@ -155,6 +155,12 @@ def test_an_interrupted_fine_tuning_resumes_to_the_uninterrupted_result(capsys, 
     assert code == 0 and "--resume" in out and not part.exists() and (tmp_path / "part.ckpt.pt").is_file()
     code, _, err = evaluate_main(capsys, *args[:4], 4, *args[5:], "--out", part, "--resume")  # another schedule
     assert code == 2 and "cannot resume" in err
+    saved = (tmp_path / "part.ckpt.pt").read_bytes()
+    (tmp_path / "part.ckpt.pt").write_bytes(saved[:len(saved) // 2])  # a crash mid-copy, a full disk
+    code, _, err = evaluate_main(capsys, *args, "--out", part, "--resume")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "cannot resume" in errors[0] and "Traceback" not in err, err
+    (tmp_path / "part.ckpt.pt").write_bytes(saved)
     code, _, _ = evaluate_main(capsys, *args, "--out", part, "--resume")
     resumed = json.loads(part.read_text())
     assert code == 0 and not (tmp_path / "part.ckpt.pt").exists()

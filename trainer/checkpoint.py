@@ -33,11 +33,16 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`: readers see the old file or the new one."""
+    """Call write(tmp_path) then rename over `path`: readers see the old file or the new one.
+    The file gets the permissions a plain open() would give it (0666 less the umask), not
+    mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -46,6 +51,19 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # -- RNG state -------------------------------------------------------------------------------
@@ -87,7 +105,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a foreign file
         raise CheckpointError(f"{path} is not a readable byolkit checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is a torch file but not a byolkit checkpoint")
@@ -129,7 +147,7 @@ def read_encoder_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for foreign files
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for foreign files
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     if meta.get("format") != ENCODER_FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a byolkit encoder (format={meta.get('format')!r})")

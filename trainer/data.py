@@ -76,6 +76,10 @@ class FolderCollection(ImageCollection):
         return self.paths[index]
 
 
+# the largest zip member read as an image (a PNG at the 64-megapixel decode limit is at most ~190 MB)
+MAX_MEMBER_BYTES = 256 * 2**20
+
+
 class ZipCollection(ImageCollection):
     """Images inside a zip archive, read member by member without unpacking."""
 
@@ -104,6 +108,10 @@ class ZipCollection(ImageCollection):
     def load(self, index):
         member = self.members[index]
         try:
+            size = self._archive().getinfo(member).file_size  # what reading it unpacks (the reader stops there)
+            if size > MAX_MEMBER_BYTES:
+                raise ImageDecodeError(f"{member} in {self.path} unpacks to {size} bytes, above the limit of "
+                                       f"{MAX_MEMBER_BYTES}")
             data = self._archive().read(member)
         except (zipfile.BadZipFile, OSError, KeyError) as e:
             raise ImageDecodeError(f"cannot read {member} from {self.path}: {e}") from None

@@ -266,7 +266,14 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
     settings = {"schedule": sched.to_dict(), "crop_scale_min": crop_scale_min, "seed": seed,
                 "fingerprint": fingerprint, "frozen": model.frozen, "num_train": len(train.images)}
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds (UnpicklingError, RuntimeError...)
+            raise UsageError(f"cannot resume from {checkpoint}: not a readable checkpoint ({type(e).__name__}); "
+                             "delete it or drop --resume") from None
+        if not isinstance(state, dict) or not {"settings", "model", "optimizer", "rng", "epoch"} <= state.keys():
+            raise UsageError(f"cannot resume from {checkpoint}: not an evaluation checkpoint; delete it or drop "
+                             "--resume")
         if state["settings"] != settings:
             raise UsageError(f"cannot resume from {checkpoint}: it was started with other settings or another "
                              "encoder; delete it or drop --resume")
@@ -531,7 +538,11 @@ def run(args) -> dict:
             lin = Schedule(args.linear_epochs, args.batch_size, args.linear_lr, 0.0)
             part = ckpt.with_name(out.stem + "-linear.json")
             if args.resume and part.is_file():  # the linear part finished before the interruption
-                record["linear"] = json.loads(part.read_text())
+                try:
+                    record["linear"] = json.loads(part.read_text())
+                except (OSError, ValueError) as e:
+                    raise UsageError(f"cannot resume from {part}: not readable JSON ({e}); delete it or drop "
+                                     "--resume") from None
             elif args.augment:
                 model = Classifier(encoder, info["embedding_dim"], num_classes, frozen=True)
                 lin_kw = {**long_kw, "checkpoint": ckpt.with_name(out.stem + "-linear.ckpt.pt")}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
@@ -143,16 +144,22 @@ def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
             fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
         except OSError as e:
             raise ImageDecodeError(f"cannot open image {name}: {e.strerror or e}") from None
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses only above twice this: our limit decides
         try:
             with fp:
-                image = Image.open(fp)
+                image = Image.open(fp)  # the header only
                 w, h = image.size
                 if w * h > max_pixels:
                     raise ImageDecodeError(f"image {name} is {w}x{h} pixels, above the limit of {max_pixels}")
                 image.load()  # decode now, while the file is open, so truncation surfaces here
         except ImageDecodeError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:  # far above max_pixels: Pillow's header check came first
+            size = re.search(r"\((\d+) pixels\)", str(e))
+            raise ImageDecodeError(f"image {name} is {size.group(1) if size else 'over ' + str(max_pixels)} pixels, "
+                                   f"above the limit of {max_pixels}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageDecodeError(f"not a readable image: {name} ({type(e).__name__}: {e})") from None
     try:
         image = ImageOps.exif_transpose(image)
