@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and ONNX Runtime")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"exports to make (of {', '.join(VARIANTS)})")
     p.add_argument("--tiny", action="store_true",
-                   help="ResNet-18 small stem at 16 px, batches 1 and 2, one round, two exports")
+                   help="ResNet-18 small stem at 16 px, batches 1 and 2, one round, three exports")
     p.add_argument("--real-images", default=None, metavar="PATH",
                    help="also measure the export error on real photos: an image folder or zip (e.g. CIFAR-10's "
                         "test.zip), put through the preprocessing contract")
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     stem = args.stem
     if args.tiny:
         args.archs, args.size, args.batches, args.rounds, args.iters, stem = "resnet18", 16, "1,2", 1, 1, "small"
-        args.variants, args.min_images = "float32,float", 1
+        args.variants, args.min_images = "float32,float,int8", 1
     variants = args.variants.split(",")
     if "float" not in variants or any(v not in VARIANTS for v in variants):
         p.error(f"--variants: choose from {', '.join(VARIANTS)}, including float (the baseline's graph)")
