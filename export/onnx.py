@@ -526,7 +526,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                    help="images to calibrate on (default %(default)s)")
     q.add_argument("--held-back", type=int, default=DEFAULT_HELD_BACK,
-                   help="images held back for the guard (default %(default)s; at least 11)")
+                   help="images held back for the guard (default %(default)s; at least 11). Its recall is "
+                        "for a gallery of this size: in larger ones close neighbours swap more (BENCHMARKS.md)")
     q.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
                    help="refuse the int8 model below this recall@10 against float32 neighbours (default %(default)s)")
     return p
