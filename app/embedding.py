@@ -40,7 +40,8 @@ class Encoder:
     @property
     def model(self) -> dict:
         """What an index records about the model (JSON-ready)."""
-        out = {k: self.info.get(k) for k in ("fingerprint", "arch", "stem", "head", "byolkit_version")
+        out = {k: self.info.get(k) for k in ("fingerprint", "arch", "stem", "head", "byolkit_version", "weights",
+                                             "float_fingerprint", "quantization")
                if self.info.get(k) is not None}
         out["embedding_dim"] = self.embedding_dim
         out["input_size"] = self.preprocessing.input_size

@@ -282,6 +282,27 @@ def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def _quantised_pair(index_model: dict, model: dict, images: str | None = None, out: str | None = None) -> str | None:
+    """The refusal for an index and an encoder that are the float32 and int8 forms of one model, else None.
+
+    Their embeddings differ slightly (cosine ~0.999), enough to reorder close neighbours, so an index
+    holds one form's vectors only; the user rebuilds it to switch (app.index build --force)."""
+    def form(m):
+        return "int8" if m.get("weights") == "int8" else "float32"
+
+    def root(m):
+        return m.get("float_fingerprint") or m.get("fingerprint")
+
+    if form(index_model) == form(model) or root(index_model) != root(model):
+        return None
+    return (f"this index was built with the {form(index_model)} form of model {root(index_model)} (fingerprint "
+            f"{index_model.get('fingerprint')}), the encoder given is its {form(model)} form (fingerprint "
+            f"{model.get('fingerprint')}): the two forms' embeddings differ slightly and are not mixed in one index. "
+            "Use the index's own model file, or rebuild the index with this one: python -m app.index build "
+            f"--images {images or 'IMAGES'} --out {out or 'INDEX_DIR'} --force "
+            f"--model {model.get('source') or 'MODEL.onnx'}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------
@@ -403,6 +424,10 @@ class SearchIndex:
     def check_model(self, model: dict) -> None:
         """Refuse embeddings from any model but the index's own."""
         mine, theirs = self.model.get("fingerprint"), (model or {}).get("fingerprint")
+        forms = _quantised_pair(self.model, model or {}, self.sources[0]["path"] if self.sources else None,
+                                self.path) if theirs != mine else None
+        if forms:
+            raise ModelMismatchError(forms)
         if theirs != mine:
             raise ModelMismatchError(
                 f"this index was built with model fingerprint {mine} ({_describe(self.model)}), but the encoder "

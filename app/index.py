@@ -164,7 +164,9 @@ def _describe(index) -> str:
         f"recall@10 {recall['value']} against exact (target {recall['target']})" if recall.get("value") is not None
         else "too few images to measure recall: searching exhaustively")
     model = index.model
-    return (f"{index.kind} index, {quality}; model {model.get('arch', '?')} {model.get('embedding_dim')}-d, "
+    guard = (model.get("quantization") or {}).get("guard")
+    int8 = f" (int8: recall@10 {guard['recall_at_10']} against float32 neighbours)" if guard else ""
+    return (f"{index.kind} index, {quality}; model {model.get('arch', '?')} {model.get('embedding_dim')}-d{int8}, "
             f"fingerprint {model.get('fingerprint')}")
 
 

@@ -240,6 +240,7 @@ class AppState:
                 ("index type", f"{ix.kind} ({'chosen by size' if ix.requested == 'auto' else 'asked for'}); {quality}"),
                 ("model", (f"{m.get('arch', '?')} ({m.get('stem', '?')} stem), {ix.dim}-d embeddings, "
                           f"input {m.get('input_size', '?')} px, fingerprint {m.get('fingerprint')}")),
+                *([("int8", _int8_row(m["quantization"]))] if m.get("quantization") else []),
                 ("encoder", self.encoder.source),
                 ("sources", sources),
                 ("labels", ", ".join(labels[:20]) + (" ..." if len(labels) > 20 else "") if labels else "-"),
@@ -263,6 +264,15 @@ class AppState:
             return _status(status), self.describe()
         except Exception as e:  # noqa: BLE001
             return _status(_message(e), error=True), self.describe()
+
+
+def _int8_row(q: dict) -> str:
+    """The int8 model's guard figures (export.quantize), for the Index tab."""
+    g = q.get("guard", {})
+    return (f"int8 of float32 model {q.get('float_fingerprint')}: recall@{g.get('k', 10)} "
+            f"{g.get('recall_at_10')} against float32 neighbours, cosine mean {g.get('cosine_mean')} / min "
+            f"{g.get('cosine_min')} on {g.get('held_back')} held-back images ({q.get('method')} calibration on "
+            f"{q.get('calibration', {}).get('images')} images)")
 
 
 def build_app(state: AppState):

@@ -12,6 +12,9 @@ one process, in alternating rounds (a background load hits every contender alike
   ort_uint8          ONNX Runtime on the default uint8 export (scaling, normalisation, layout in the graph)
   ort_simplified     the float export with ONNX Runtime's basic optimisations saved into the file
   ort_torchscript    the float export made by torch's legacy TorchScript exporter
+  ort_int8           the int8 export of the uint8 one (export.quantize: QDQ, per-channel weights, calibrated
+                     on --calibration or on generated pictures; its guard is recorded, not enforced:
+                     random weights), compared with ort_uint8 as `int8_vs_float32`
 
 at batch 1, 8 and 32, reporting the median images/s over the rounds and the ratios against
 `pytorch`. Each export's file size and verification error (export.onnx's own check against PyTorch)
@@ -54,9 +57,11 @@ def machine() -> dict:
     except OSError:
         pass
     import onnxruntime as ort
+
+    from export.quantize import int8_instructions
     return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": torch.get_num_threads(),
-            "providers": ort.get_available_providers()}
+            "providers": ort.get_available_providers(), "int8_instructions": int8_instructions()}
 
 
 def ort_session(path: Path, threads: int, provider: str = "CPUExecutionProvider", cache_dir: str | None = None):
@@ -98,18 +103,48 @@ VARIANTS = {  # export name -> export_onnx options
     "float32": {}, "float16": {"fp16": True}, "float": {"input_kind": "float"},
     "float_simplified": {"input_kind": "float", "simplify": True},
     "float_torchscript": {"input_kind": "float", "exporter": "torchscript"},
+    "int8": {},  # export.quantize of the float32 export
 }
 SESSIONS = {"ort": "float", "ort_uint8": "float32", "ort_simplified": "float_simplified",
-            "ort_torchscript": "float_torchscript"}  # contender -> export
+            "ort_torchscript": "float_torchscript", "ort_int8": "int8"}  # contender -> export
+UINT8_SESSIONS = ("ort_uint8", "ort_int8")
 
 
-def export_variants(arch: str, stem: str, size: int, workdir: Path, variants: list[str]) -> tuple[dict, dict]:
+def calibration_folder(workdir: Path, size: int, count: int = 96) -> Path:
+    """Generated picture-like images (export.onnx's verification pictures) for calibrating random encoders."""
+    from PIL import Image
+
+    from trainer.preprocess import Preprocessing
+    folder = workdir / "calibration"
+    if not folder.is_dir():
+        folder.mkdir()
+        pre = Preprocessing(input_size=size, resize_size=size, mean=(0.5,) * 3, std=(0.25,) * 3)
+        _, pictures = xo.verification_images(pre, 0, count, seed=7)
+        for i, picture in enumerate(pictures):
+            Image.fromarray(picture).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def export_int8(source_file: Path, out: Path, calibration) -> dict:
+    from export.quantize import export_int8 as quantize
+    report = quantize(source_file, out, calibration, min_recall=0, calibration_images=64, held_back=32)
+    g = report["guard"]
+    return {"size_mb": round(report["size_bytes"] / 1e6, 2), "size_ratio_vs_float32": report["size_ratio"],
+            "guard_recall_at_10": g["recall_at_10"], "min_cosine": g["cosine_min"],
+            "export_s": report["seconds"]["quantize"], "calibration": str(calibration)}
+
+
+def export_variants(arch: str, stem: str, size: int, workdir: Path, variants: list[str],
+                    calibration=None) -> tuple[dict, dict]:
     """-> (files, exports): each variant's path, and its size, verification error and export time."""
     source = f"random:{arch}:{stem}:{size}"
     files, exports = {}, {}
     for key in variants:
         files[key] = workdir / f"{arch}_{key}.onnx"
         log(f"{arch}: exporting {key}")
+        if key == "int8":
+            exports[key] = export_int8(files["float32"], files[key], calibration or calibration_folder(workdir, size))
+            continue
         report = xo.export_onnx(source, files[key], **VARIANTS[key])
         v = report["verification"]
         exports[key] = {"size_mb": round(report["size_bytes"] / 1e6, 2), "max_abs_diff": v["max_abs_diff"],
@@ -169,7 +204,7 @@ def bench_arch(arch: str, stem: str, size: int, files: dict, batches: list[int],
         xt_cl = xt.contiguous(memory_format=torch.channels_last)
         contenders = {"pytorch": partial(run_torch, encoder, xt), "pytorch_cl": partial(run_torch, encoder_cl, xt_cl)}
         for name, sess in sessions.items():
-            feed = {INPUT_UINT8: pixels} if name == "ort_uint8" else {INPUT_FLOAT: x}
+            feed = {INPUT_UINT8: pixels} if name in UINT8_SESSIONS else {INPUT_FLOAT: x}
             contenders[name] = partial(sess.run, [OUTPUT], feed)
         per_round = {k: [] for k in contenders}
         n = max(iters, -(-min_images // batch))  # more calls for small batches, so that each round lasts
@@ -185,7 +220,8 @@ def bench_arch(arch: str, stem: str, size: int, files: dict, batches: list[int],
         med = {k: round(statistics.median(v), 2) for k, v in per_round.items()}
         ratios = {k: round(med[k] / med["pytorch"], 2) for k in med if k != "pytorch"}
         round_ratio = statistics.median(o / p for o, p in zip(per_round["ort"], per_round["pytorch"]))
-        results[str(batch)] = {"images_per_s": med, "ratio_vs_pytorch": ratios,
+        int8 = {"int8_vs_float32": round(med["ort_int8"] / med["ort_uint8"], 2)} if "ort_int8" in med else {}
+        results[str(batch)] = {"images_per_s": med, "ratio_vs_pytorch": ratios, **int8,
                                "ort_vs_pytorch_median_of_round_ratios": round(round_ratio, 2),
                                "cpu_share": round(share, 3), "load_average": os.getloadavg()[0],
                                "rounds": {k: [round(v, 2) for v in vs] for k, vs in per_round.items()}}
@@ -224,7 +260,10 @@ def bench_gpu(files, size, batches, rounds, iters, workdir) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", default="resnet18,resnet50", help="comma-separated architectures (imagenet stem)")
+    p.add_argument("--archs", default="resnet18,resnet50", help="comma-separated architectures")
+    p.add_argument("--stem", default="imagenet", choices=["imagenet", "small"], help="their stem (default imagenet)")
+    p.add_argument("--calibration", default=None, metavar="IMAGES",
+                   help="calibration images for the int8 variant (default: generated pictures)")
     p.add_argument("--size", type=int, default=224, help="input size in pixels")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
@@ -233,7 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and ONNX Runtime")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"exports to make (of {', '.join(VARIANTS)})")
     p.add_argument("--tiny", action="store_true",
-                   help="ResNet-18 small stem at 16 px, batches 1 and 2, one round, two exports")
+                   help="ResNet-18 small stem at 16 px, batches 1 and 2, one round, three exports")
     p.add_argument("--real-images", default=None, metavar="PATH",
                    help="also measure the export error on real photos: an image folder or zip (e.g. CIFAR-10's "
                         "test.zip), put through the preprocessing contract")
@@ -241,13 +280,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-timing", action="store_true", help="exports and errors only")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    stem = "imagenet"
+    stem = args.stem
     if args.tiny:
         args.archs, args.size, args.batches, args.rounds, args.iters, stem = "resnet18", 16, "1,2", 1, 1, "small"
-        args.variants, args.min_images = "float32,float", 1
+        args.variants, args.min_images = "float32,float,int8", 1
     variants = args.variants.split(",")
     if "float" not in variants or any(v not in VARIANTS for v in variants):
         p.error(f"--variants: choose from {', '.join(VARIANTS)}, including float (the baseline's graph)")
+    if "int8" in variants and "float32" not in variants:
+        p.error("--variants: int8 is made from float32; list both")
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone()
     result = {"date": started.isoformat(timespec="seconds"), "machine": machine(),
@@ -257,7 +298,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="byolkit-export-speed-") as tmp:
         files = {}
         for arch in archs:  # every export first, so that the timings run back to back
-            files[arch], exports = export_variants(arch, stem, args.size, Path(tmp), variants)
+            files[arch], exports = export_variants(arch, stem, args.size, Path(tmp), variants, args.calibration)
             result["models"][arch] = {"source": f"random:{arch}:{stem}:{args.size}", "exports": exports}
         if args.real_images:
             for arch in archs:
@@ -282,7 +323,9 @@ def main(argv=None) -> int:
     for arch, r in result["models"].items():
         for batch, b in r.get("batches", {}).items():
             log(f"{arch} batch {batch}: " + ", ".join(f"{k} {v}" for k, v in b["images_per_s"].items())
-                + f" | ort/pytorch {b['ratio_vs_pytorch']['ort']} | cpu share {b['cpu_share']}")
+                + f" | ort/pytorch {b['ratio_vs_pytorch']['ort']}"
+                + (f" | int8/float32 {b['int8_vs_float32']}" if "int8_vs_float32" in b else "")
+                + f" | cpu share {b['cpu_share']}")
     return 0
 
 

@@ -20,6 +20,11 @@ the first messages, the load average. With --serve, a second server with --no-dy
 runs next to the first one, and after the protocol/concurrency matrix the two are compared at
 --compare-concurrency in alternating rounds (on, off, on, off, ...; --duration in all for each),
 so that other work on a shared machine weighs on both alike.
+
+With --versus OTHER (e.g. the int8 export of the same encoder), the second server serves OTHER with
+the same settings instead, and the comparison is MODEL against OTHER under the same load:
+
+    python benchmarks/serving_load.py --serve model.onnx --versus model-int8.onnx --concurrency 8 32
 """
 from __future__ import annotations
 
@@ -159,10 +164,11 @@ def model_facts(url: str, model: str) -> tuple[str, int]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| protocol | model input | dynamic batching | concurrency | requests/s | images/s | p50 ms | p95 ms | " \
-           "p99 ms | errors | load avg |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    head = "| served | protocol | model input | dynamic batching | concurrency | requests/s | images/s | p50 ms | " \
+           "p95 ms | p99 ms | errors | load avg |\n" + "| --- " * 12 + "|\n"
     return head + "\n".join(
-        f"| {r['protocol']} | {r['input']} | {'on' if r.get('dynamic_batching', True) else 'off'} | "
+        f"| {Path(r.get('served') or '-').name} | {r['protocol']} | {r['input']} | "
+        f"{'on' if r.get('dynamic_batching', True) else 'off'} | "
         f"{r['concurrency']} | {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
         f"{r['p99_ms']} | {r['errors']} | {r['load_average'][0]} |" for r in rows)
 
@@ -189,6 +195,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-rounds", type=int, default=3,
                    help="the comparison alternates on and off in this many rounds of duration/rounds each "
                         "(default 3)")
+    p.add_argument("--versus", metavar="OTHER",
+                   help="with --serve: compare MODEL against OTHER (e.g. its int8 export) at --compare-concurrency, "
+                        "both served with dynamic batching, instead of dynamic batching on against off")
     p.add_argument("--server-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="with --serve: extra serving.server settings, e.g. --server-arg max_queue_delay_us=5000")
     p.add_argument("--json", metavar="PATH", help="write every result and the settings to this JSON file")
@@ -221,6 +230,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.versus and not args.serve:
+        print("error: --versus needs --serve", file=sys.stderr)
+        return 2
     rows = []
 
     def run(url: str, concurrency: int, duration: float) -> dict:
@@ -228,8 +240,10 @@ def main(argv=None) -> int:
         return load(url, model=args.model, kind=args.input, input_name=input_name, size=size,
                     images=args.images_per_request, concurrency=concurrency, duration=duration, warmup=args.warmup)
 
-    def record(row: dict, batching: bool):
+    def record(row: dict, batching: bool, served: str | None = None):
         row["dynamic_batching"] = batching
+        if served:
+            row["served"] = served
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -240,11 +254,14 @@ def main(argv=None) -> int:
     else:
         with contextlib.ExitStack() as stack:
             on = stack.enter_context(_serve(args.serve, True, args.server_arg))
-            off = stack.enter_context(_serve(args.serve, False, args.server_arg)) if args.compare_concurrency else None
+            off = stack.enter_context(_serve(args.versus or args.serve, bool(args.versus), args.server_arg)) \
+                if args.compare_concurrency or args.versus else None
             url = {s: {"grpc": s.grpc_url, "http": s.http_url} for s in (on, off) if s is not None}
             for proto in args.protocols:
                 for c in args.concurrency:
-                    record(summarise([run(url[on][proto], c, args.duration)]), True)
+                    record(summarise([run(url[on][proto], c, args.duration)]), True, args.serve)
+                    if args.versus:
+                        record(summarise([run(url[off][proto], c, args.duration)]), True, args.versus)
             if off is not None:
                 # on and off in alternating rounds, both servers resident: a background load on this
                 # shared machine hits both alike
@@ -254,12 +271,22 @@ def main(argv=None) -> int:
                     for _ in range(rounds):
                         for batching, server in ((True, on), (False, off)):
                             parts[batching].append(run(url[server][proto], c, args.duration / rounds))
-                    for batching in (True, False):
-                        row = summarise(parts[batching])
+                    for first in (True, False):
+                        row = summarise(parts[first])
                         row["comparison"] = True
-                        record(row, batching)
+                        if args.versus:
+                            record(row, True, args.serve if first else args.versus)
+                        else:
+                            record(row, first)
     print(table(rows))
-    if not args.url and args.compare_concurrency:
+    if args.versus and args.compare_concurrency:
+        for proto in args.protocols:
+            pair = {r["served"]: r for r in rows if r["protocol"] == proto and r.get("comparison")}
+            if len(pair) == 2 and pair[args.serve]["images_per_s"]:
+                ratio = pair[args.versus]["images_per_s"] / pair[args.serve]["images_per_s"]
+                print(f"{proto}: {args.versus} / {args.serve} images/s at concurrency {args.compare_concurrency}: "
+                      f"{ratio:.2f}x")
+    elif not args.url and args.compare_concurrency:
         for proto in args.protocols:
             pair = {r["dynamic_batching"]: r for r in rows if r["protocol"] == proto and r.get("comparison")}
             if True in pair and False in pair and pair[False]["images_per_s"]:

@@ -54,6 +54,13 @@ from trainer.preprocess import (
 )
 
 from .contract import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, MetadataError, encode_metadata, read_onnx_metadata
+from .quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_HELD_BACK,
+    DEFAULT_METHOD,
+    DEFAULT_MIN_RECALL,
+)
 
 # Opset 18 (ONNX 1.13): run by ONNX Runtime >= 1.14 and TensorRT >= 8.6, so by every Triton release
 # of the last years (23.x onwards), and the lowest opset torch's current (dynamo) exporter targets.
@@ -484,9 +491,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                "centre-cropped by trainer.preprocess (Preprocessing.__call__); normalised in the graph.\n"
                "Input float: tensor 'pixel_values' float32 [N, 3, H, W], normalised by the client.\n"
                "Output: 'embeddings' float32 [N, D]. Read the metadata with export.onnx.read_metadata.\n\n"
-               "Exit status: 0 done, 1 verification failed (nothing written), 2 bad input.")
+               "Exit status: 0 done, 1 verification failed (nothing written), 2 bad input or an int8 model\n"
+               "refused by its guard (nothing written).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="run directory, checkpoint.pt, encoder.safetensors, or random:ARCH[:STEM[:SIZE]]")
+                   help="run directory, checkpoint.pt, encoder.safetensors, or random:ARCH[:STEM[:SIZE]]; "
+                        "with --int8 also a float32 .onnx export")
     p.add_argument("--out", required=True, metavar="MODEL.onnx", help="the ONNX file to write (must not exist)")
     p.add_argument("--input", choices=INPUT_KINDS, default="uint8",
                    help="graph input: uint8 NHWC pixels (default) or float32 NCHW normalised")
@@ -503,11 +512,34 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.onnx exporter: dynamo (default, torch.export based) or the legacy torchscript one")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    q = p.add_argument_group(
+        "int8 (export.quantize)",
+        "Static int8 quantisation for CPUs: --checkpoint may then also be a float32 .onnx export. The calibration\n"
+        "images are split (seeded) into a calibration part and a held-back part never calibrated on; the file\n"
+        "is written only if recall@10 of the int8 model's neighbours among the held-back images, against the\n"
+        "float32 model's, reaches --min-recall. The figures go into the file's byolkit metadata.")
+    q.add_argument("--int8", action="store_true", help="write an int8 (QDQ) model instead of a float one")
+    q.add_argument("--calibration", metavar="IMAGES",
+                   help="calibration images: a folder, zip archive or data set name (cifar10:test), as for training")
+    q.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=DEFAULT_METHOD,
+                   help="how activation ranges are chosen (default %(default)s; measured in BENCHMARKS.md)")
+    q.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                   help="images to calibrate on (default %(default)s)")
+    q.add_argument("--held-back", type=int, default=DEFAULT_HELD_BACK,
+                   help="images held back for the guard (default %(default)s; at least 11). Its recall is "
+                        "for a gallery of this size: in larger ones close neighbours swap more (BENCHMARKS.md)")
+    q.add_argument("--min-recall", type=float, default=DEFAULT_MIN_RECALL,
+                   help="refuse the int8 model below this recall@10 against float32 neighbours (default %(default)s)")
     return p
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.int8:
+        return _main_int8(args)
+    if args.calibration:
+        print("error: --calibration is for --int8 exports", file=sys.stderr)
+        return 2
     try:
         report = export_onnx(args.checkpoint, args.out, input_kind=args.input, fp16=args.fp16, head=args.head,
                              opset=args.opset, simplify=args.simplify, exporter=args.exporter,
@@ -521,6 +553,30 @@ def main(argv=None) -> int:
     v = report["verification"]
     _log(f"wrote {report['onnx']} ({report['size_bytes'] / 1e6:.1f} MB): max |diff| {v['max_abs_diff']:.2e}, "
          f"min cosine {v['min_cosine']:.7f} against PyTorch", args.quiet)
+    print(json.dumps(report))
+    return 0
+
+
+def _main_int8(args) -> int:
+    from .quantize import QuantizationError, export_int8
+    if args.fp16:
+        print("error: --int8 and --fp16 exclude each other", file=sys.stderr)
+        return 2
+    try:
+        report = export_int8(args.checkpoint, args.out, args.calibration, method=args.calibration_method,
+                             calibration_images=args.calibration_images, held_back=args.held_back,
+                             min_recall=args.min_recall, overwrite=args.overwrite, quiet=args.quiet,
+                             input_kind=args.input, head=args.head, opset=args.opset, exporter=args.exporter)
+    except (ExportError, CheckpointError, MetadataError, QuantizationError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        print(f"error: verification of the float32 export failed, nothing written: {one_line(e)}", file=sys.stderr)
+        return 1
+    g = report["guard"]
+    _log(f"wrote {report['onnx']} ({report['size_bytes'] / 1e6:.2f} MB, {report['size_ratio']}x smaller): "
+         f"recall@10 {g['recall_at_10']} against float32 neighbours, cosine mean {g['cosine_mean']} "
+         f"min {g['cosine_min']} on {g['images']} held-back images", args.quiet)
     print(json.dumps(report))
     return 0
 

@@ -142,6 +142,9 @@ def build_config(onnx_path, *, name: str = DEFAULT_MODEL_NAME, max_batch_size: i
         raise RepositoryError(f"queue delay must be >= 0 microseconds, got {delay}")
 
     sig = onnx_signature(onnx_path)
+    if tensorrt and sig["metadata"].get("weights") == "int8":
+        raise RepositoryError(f"{onnx_path} is an int8 model for CPUs (QDQ, uint8 activations); TensorRT takes "
+                              "symmetric int8 only: serve the float32 export with --tensorrt")
     if len(sig["inputs"]) != 1 or len(sig["outputs"]) != 1:
         raise RepositoryError(f"{onnx_path}: expected one input and one output, found "
                               f"{len(sig['inputs'])} and {len(sig['outputs'])}")

@@ -20,9 +20,12 @@ def test_export_speed_benchmark_runs_tiny(tmp_path, image_folder):
     assert result["date"] and result["machine"]["cpus"] >= 1
     r18 = result["models"]["resnet18"]
     assert r18["exports"]["float32"]["max_abs_diff"] <= 1e-4 and r18["exports"]["float32"]["size_mb"] > 1
+    assert r18["exports"]["int8"]["size_ratio_vs_float32"] > 3 and r18["exports"]["int8"]["size_mb"] > 0.1
+    assert result["machine"]["int8_instructions"].keys() >= {"avx512_vnni", "avx_vnni"}  # reported, not required
     assert r18["real_images"]["images"] == 4 and r18["real_images"]["float32"]["max_abs_diff"] <= 1e-4
     for batch in ("1", "2"):
         speeds = r18["batches"][batch]["images_per_s"]
-        assert set(speeds) == {"pytorch", "pytorch_cl", "ort", "ort_uint8"} and min(speeds.values()) > 0
+        assert set(speeds) == {"pytorch", "pytorch_cl", "ort", "ort_uint8", "ort_int8"} and min(speeds.values()) > 0
+        assert r18["batches"][batch]["int8_vs_float32"] > 0
         assert r18["batches"][batch]["ratio_vs_pytorch"]["ort"] > 0
         assert 0 < r18["batches"][batch]["cpu_share"] <= 1.5  # the contention signal BENCHMARKS.md relies on
