@@ -5,6 +5,8 @@ Three tabs over one index and one encoder (in process or a server):
            captioned with cosine similarity and label (or path)
   Embed    one or more images in; their embeddings shown and downloadable as .npy and JSON
   Index    what is loaded (size, model, index type, recall), and adding images from the page
+and, after the main job trained the encoder, a fourth:
+  Model    how it was trained, precision@10 against random initialisation and pixels, the curve
 
 The handlers (`AppState.search`, `.embed`, `.add`, `.describe`) are plain functions, tested
 without a browser. Any failure reaches the page as a one-line message in the tab's status box;
@@ -70,8 +72,10 @@ def _as_image(value):
 class AppState:
     """The loaded index and encoder, and the handlers the page calls."""
 
-    def __init__(self, index: SearchIndex, encoder: Encoder, *, k: int = 10, examples=(), downloads_dir=None):
+    def __init__(self, index: SearchIndex, encoder: Encoder, *, k: int = 10, examples=(), downloads_dir=None,
+                 model_report: dict | None = None):
         self.index, self.encoder, self.k = index, encoder, int(k)
+        self.model_report = model_report  # app.report.model_report: the Model tab (None: no tab)
         self.examples = [str(p) for p in examples]
         self.lock = threading.RLock()  # searches read the index while an upload may be extending it
         base = downloads_dir or os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()
@@ -248,14 +252,29 @@ def build_app(state: AppState):
                     add_button = gr.Button("Add to the index", variant="primary", elem_id="add-button")
                     add_status = gr.Markdown(elem_id="add-status")
             add_button.click(state.add, [add_files_input, add_label], [add_status, info])
+        if state.model_report:
+            model_tab(state.model_report)
         demo.load(state.describe, None, info)
     return demo
+
+
+# -- Model ---------------------------------------------------------------------------------------
+def model_tab(report: dict) -> None:
+    """The Model tab (inside build_app's Blocks): how the main job trained the encoder, precision@10
+    beside random initialisation and normalised pixels, and the training curve as a picture."""
+    import gradio as gr
+    with gr.Tab("Model", id="model"):
+        gr.Markdown(report["markdown"], elem_id="model-info")
+        if report.get("plot"):
+            gr.Image(report["plot"], label="Training: loss and precision@10 over time", type="filepath",
+                     interactive=False, elem_id="training-plot", show_download_button=True)
 
 
 def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Serve the page; with block=False returns (demo, url) and keeps serving in the background."""
     demo = build_app(state)
-    allowed = sorted({str(Path(p).resolve().parent) for p in state.examples} | {str(state.downloads)})
+    files = [*state.examples, *([state.model_report["plot"]] if (state.model_report or {}).get("plot") else [])]
+    allowed = sorted({str(Path(p).resolve().parent) for p in files} | {str(state.downloads)})
     demo.queue(default_concurrency_limit=2)
 
     def start():
