@@ -267,7 +267,7 @@ def model_tab(report: dict) -> None:
         gr.Markdown(report["markdown"], elem_id="model-info")
         if report.get("plot"):
             gr.Image(report["plot"], label="Training: loss and precision@10 over time", type="filepath",
-                     interactive=False, elem_id="training-plot", show_download_button=True)
+                     interactive=False, elem_id="training-plot")
 
 
 def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
