@@ -128,8 +128,9 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
     assert len(state.index) == 19
 
 
-def test_model_tab_in_chromium(tmp_path, monkeypatch, image_folder, artifacts):
-    """The main job's steps on a few images (cpu-photos for 3 steps, export, index, comparison, curve),
+def test_model_tab(tmp_path, monkeypatch, image_folder, artifacts):
+    """In Chromium (a short test name: the browser's socket path under tmp_path must stay short): the
+    main job's steps on a few images (cpu-photos for 3 steps, export, index, comparison, curve),
     then the page's Model tab: precision@10 of BYOL beside random init and pixels, and the plot."""
     executable = chromium_path()
     if executable is None:
