@@ -11,7 +11,8 @@ MAX_UPLOAD_BYTES = 25 * 2**20  # the largest file a visitor of the page may uplo
 # import name -> what it is for, checked before work starts so that a missing extra is one clear line
 NEEDS = {"faiss": "the index (faiss-cpu)", "onnxruntime": "in-process embedding (onnxruntime)",
          "gradio": "the page (gradio)", "onnx": "the main job's export (onnx)",
-         "onnxscript": "the main job's export (onnxscript)", "tritonclient": "a --server encoder (tritonclient)"}
+         "onnxscript": "the main job's export (onnxscript)", "tritonclient": "a --server encoder (tritonclient)",
+         "matplotlib": "the main job's training curve (matplotlib)"}
 
 
 def missing(*modules: str) -> str | None:

@@ -1,7 +1,8 @@
 """python -m app: the similar-image search page.
 
-    python -m app                                   # the main job on the image set shipped with byolkit:
+    python -m app                                   # the main job on the photos shipped with byolkit:
                                                     # train briefly, export, index, open the page
+    python -m app --train-time 10m                  # ... and train the same encoder on, to 10 minutes in all
     python -m app --images ~/Pictures               # the same on your own pictures
     python -m app --index INDEX_DIR --model model.onnx         # serve an index built with python -m app.index
     python -m app --index INDEX_DIR --server grpc://host:8001  # ... embedding with a byolkit server
@@ -37,15 +38,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     enc.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="the served model's name (default %(default)s)")
     job = p.add_argument_group("the main job (without --index)")
     job.add_argument("--images", metavar="DIR|ZIP", help="your images: a folder (sub-folders name classes) or a zip "
-                     "archive (default: the shipped shapes set, app/data/shapes.zip)")
+                     "archive (default: the shipped flower photos, app/data/flowers.zip)")
     job.add_argument("--work", default="runs/quickstart", help="working folder; each image collection gets "
                      "its own sub-folder (default %(default)s)")
     job.add_argument("--work-exact", action="store_true", help="use --work itself, not a sub-folder per collection")
-    job.add_argument("--train-time", default="2m", help="training time on first run (default %(default)s)")
-    job.add_argument("--train-steps", type=int, default=0, help="train for this many steps instead of --train-time")
+    job.add_argument("--train-time", default="3m", help="training time in all (default %(default)s); longer than "
+                     "an earlier run's, the encoder it trained is trained on for the difference")
+    job.add_argument("--train-steps", type=int, default=0, help="train for this many steps in all instead of "
+                     "--train-time")
     job.add_argument("--retrain", action="store_true", help="train a new encoder even if one was trained before")
     job.add_argument("--no-compare", dest="compare", action="store_false",
-                     help="skip measuring precision@10 against the encoder at random initialisation")
+                     help="skip measuring precision@10 against random initialisation and normalised pixels")
     job.add_argument("--no-app", action="store_true", help="prepare everything, print a JSON summary, and exit")
     job.add_argument("--no-progress", action="store_true", help="no progress bars")
     page = p.add_argument_group("the page")
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     from . import missing
     needed = ["faiss", "onnxruntime" if args.model or not args.server else "tritonclient"]
     needed += [] if args.no_app else ["gradio"]
-    needed += ["onnx", "onnxscript"] if args.index is None and not (args.model or args.server) else []
+    needed += ["onnx", "onnxscript", "matplotlib"] if args.index is None and not (args.model or args.server) else []
     problem = missing(*needed)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

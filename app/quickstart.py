@@ -1,13 +1,17 @@
 """The main job: images in, a similar-image search page out, with no data of your own needed.
 
-    python -m app                          # the image set shipped with byolkit (app/data/shapes.zip)
+    python -m app                          # the photos shipped with byolkit (app/data/flowers.zip)
     python -m app --images ~/Pictures      # your own pictures (a folder or a zip archive)
 
 Steps, each skipped when its result is already there (a second run starts in seconds):
-  1. train a small BYOL encoder on the images (trainer.pretrain, preset cpu-quick, --train-time);
+  1. train a small BYOL encoder on the images (trainer.pretrain, preset cpu-photos, or gpu-photos
+     on a CUDA device, for --train-time); a later run with a longer --train-time trains the same
+     encoder on (trainer.pretrain --extend) instead of starting over;
   2. export it to ONNX (export.onnx), the file the index and the app embed with;
   3. build the index of the images, or add the ones that are new since the last run;
-  4. open the app (app.ui) on http://HOST:PORT.
+  4. measure precision@10 of the labelled images for the trained encoder, the same network at
+     random initialisation and normalised pixels, and draw the training curve (app.report);
+  5. open the app (app.ui) on http://HOST:PORT.
 Everything goes to --work (default runs/quickstart/<name of the images>).
 """
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 from .sampleset import SAMPLE_ZIP, example_files
 
 MIN_TRAIN_IMAGES = 16
+PRESET_CPU, PRESET_GPU = "cpu-photos", "gpu-photos"
+MIN_EXTENSION_S = 15  # a longer --train-time continues the training when it adds at least this much
 
 
 class QuickstartError(ValueError):
@@ -36,32 +42,56 @@ def work_dir_for(images: Path, root: Path) -> Path:
     """runs/quickstart/<name>-<hash of the absolute path>: one work folder per image collection."""
     resolved = str(Path(images).expanduser().resolve())
     if Path(resolved) == SAMPLE_ZIP:
-        return root / "shapes"
+        return root / "flowers"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(resolved).stem).strip("-") or "images"
     return root / f"{slug}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
 
 
+def choose_preset() -> str:
+    """gpu-photos where CUDA is available, else cpu-photos."""
+    import torch
+    return PRESET_GPU if torch.cuda.is_available() else PRESET_CPU
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def train(images: Path, run: Path, time_budget: str, retrain: bool, n_images: int, steps: int = 0) -> Path:
-    """A trained encoder in `run` (reused when its training finished before)."""
+    """A trained encoder in `run`: reused when it has trained for `time_budget` (or `steps`) already,
+    trained on when asked for more, trained anew otherwise (or with `retrain`)."""
+    from trainer.config import preset
     from trainer.pretrain import main as pretrain_main
+    from trainer.pretrain import parse_duration
     encoder_file = run / "encoder.safetensors"
-    if (run / "summary.json").is_file() and encoder_file.is_file() and not retrain:
-        _log(f"reusing the encoder trained before: {encoder_file} (--retrain trains a new one)")
-        return encoder_file
     if retrain and run.exists():
         import shutil
         shutil.rmtree(run)
-    if n_images < MIN_TRAIN_IMAGES:
-        raise QuickstartError(f"{images} holds {n_images} readable images; training needs at least "
-                              f"{MIN_TRAIN_IMAGES} (or give an exported encoder with --model)")
-    batch = min(128, 2 ** (n_images.bit_length() - 1))  # cpu-quick's 128, or what a small folder allows
     length = ["--max-steps", str(steps)] if steps else ["--time-budget", time_budget]
-    flags = ["--preset", "cpu-quick", "--data", str(images), "--out", str(run), *length, "--epochs", "10000",
-             "--batch-size", str(batch), "--no-progress", "--set", "data.workers=0"]
-    if (run / "checkpoint.pt").is_file():
-        flags.append("--resume")  # an interrupted training continues
-    _log(f"training a BYOL encoder on {n_images} images for {f'{steps} steps' if steps else time_budget} "
-         f"(cpu-quick preset, batch {batch})")
+    common = ["--data", str(images), "--out", str(run), "--no-progress", "--set", "data.workers=0"]
+    if (run / "summary.json").is_file() and encoder_file.is_file():
+        done = json.loads((run / "summary.json").read_text())
+        more = steps - done["steps"] if steps else parse_duration(time_budget) - done["train_seconds"]
+        trained = f"{done['steps']} steps, {_minutes(done['train_seconds'])}"
+        if more < (1 if steps else MIN_EXTENSION_S):
+            _log(f"reusing the encoder trained before: {encoder_file} ({trained}; a longer --train-time trains "
+                 f"it on, --retrain starts over)")
+            return encoder_file
+        flags = [*common, "--extend", *(["--max-steps", str(more)] if steps else ["--time-budget", f"{more:.0f}"])]
+        _log(f"continuing the encoder trained before ({trained}) for {f'{more} steps' if steps else _minutes(more)} "
+             f"more, from its checkpoint (--retrain starts over)")
+    else:
+        if n_images < MIN_TRAIN_IMAGES:
+            raise QuickstartError(f"{images} holds {n_images} readable images; training needs at least "
+                                  f"{MIN_TRAIN_IMAGES} (or give an exported encoder with --model)")
+        name = choose_preset()
+        # the preset's batch, or what a small folder allows
+        batch = min(preset(name).optim.batch_size, 2 ** (n_images.bit_length() - 1))
+        flags = ["--preset", name, *common, *length, "--epochs", "10000", "--batch-size", str(batch)]
+        if (run / "checkpoint.pt").is_file():
+            flags.append("--resume")  # an interrupted training continues
+        _log(f"training a BYOL encoder on {n_images} images for {f'{steps} steps' if steps else time_budget} "
+             f"({name} preset, batch {batch})")
     code = pretrain_main(flags)
     if code or not encoder_file.is_file():
         raise QuickstartError(f"training failed (exit status {code}); see the messages above")
@@ -102,16 +132,16 @@ def index_images(encoder, images: Path, index_dir: Path, progress: bool = True):
     return index
 
 
-def compare_with_random_init(encoder_file: Path, images: Path, k: int = 10) -> dict | None:
-    """precision@k over the labelled images (each querying the others): the trained encoder
-    against the same architecture at random initialisation. None without labels."""
+def compare(encoder_file: Path, images: Path, k: int = 10) -> dict | None:
+    """precision@k over the labelled images (each querying the others) of the trained encoder, the
+    same architecture at random initialisation and normalised pixels. None without labels."""
     import torch
 
     from trainer.checkpoint import load_encoder
     from trainer.data import open_collection
     from trainer.models import build_encoder
 
-    from .retrieval import embed_torch, precision_at_k
+    from .retrieval import embed_torch, pixel_vectors, precision_at_k
     collection = open_collection(str(images))
     if collection.labels is None or len(set(collection.labels)) < 2 or len(collection) <= k:
         return None
@@ -122,7 +152,33 @@ def compare_with_random_init(encoder_file: Path, images: Path, k: int = 10) -> d
     for name, enc in (("random_init", random_encoder.eval()), ("byol", trained)):
         vectors, labels, _ = embed_torch(enc, collection, info["preprocessing"])
         out[name] = round(precision_at_k(vectors, labels, k), 4)
+    vectors, labels = pixel_vectors(collection, info["preprocessing"])
+    out["pixels"] = round(precision_at_k(vectors, labels, k), 4)
+    out["chance"] = round(float(sum(c * c for c in _counts(labels))) / len(labels) ** 2, 4)
     return out
+
+
+def _counts(labels) -> list[int]:
+    import numpy as np
+    return np.unique(labels, return_counts=True)[1].tolist()
+
+
+def measured(run: Path, encoder_file: Path, images: Path) -> dict | None:
+    """The comparison for the encoder's current step: from run/precision.jsonl when measured before,
+    else measured now and appended there (the history the training plot marks)."""
+    from .report import read_jsonl
+    summary = json.loads((run / "summary.json").read_text())
+    history = run / "precision.jsonl"
+    for row in read_jsonl(history):
+        if row["step"] == summary["steps"]:
+            return row
+    scores = compare(encoder_file, images)
+    if scores is None:
+        return None
+    row = {"step": summary["steps"], "train_seconds": round(summary["train_seconds"], 1), **scores}
+    with open(history, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def run(args) -> int:
@@ -149,12 +205,21 @@ def run(args) -> int:
         index = index_images(encoder, images, work / "index", progress=not args.no_progress)
         summary = {"images": str(images), "work": str(work), "index": str(work / "index"), "count": len(index),
                    "model": str(work / "model.onnx") if encoder_file else encoder.source}
-        if encoder_file is not None and args.compare:
-            scores = compare_with_random_init(encoder_file, images)
+        report = None
+        if encoder_file is not None:
+            from .report import model_report
+            run_dir = encoder_file.parent
+            trained = json.loads((run_dir / "summary.json").read_text())
+            summary["training"] = {"steps": trained["steps"], "seconds": round(trained["train_seconds"], 1),
+                                   "preset": json.loads((run_dir / "config.json").read_text()).get("preset")}
+            scores = measured(run_dir, encoder_file, images) if args.compare else None
             if scores:
-                summary["precision_at_10"] = scores
-                _log(f"precision@10 (neighbours sharing the query's label): random init {scores['random_init']:.3f}"
-                     f" -> BYOL {scores['byol']:.3f}")
+                summary["precision_at_10"] = {k: scores[k] for k in ("byol", "random_init", "pixels", "chance")}
+                _log(f"precision@10 (neighbours sharing the query's label; chance {scores['chance']:.3f}): "
+                     f"normalised pixels {scores['pixels']:.3f}, random init {scores['random_init']:.3f}, "
+                     f"BYOL {scores['byol']:.3f} after {_minutes(trained['train_seconds'])} "
+                     f"({trained['steps']} steps)")
+            report = model_report(run_dir, work / "training.png", shipped=images == SAMPLE_ZIP)
         summary["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(summary), flush=True)
     except (QuickstartError, DataError, AppError) + USER_ERRORS as e:
@@ -164,7 +229,8 @@ def run(args) -> int:
         return 0
     from .ui import AppState, launch
     examples = example_files() if images == SAMPLE_ZIP else sample_examples(index, work / "examples")
-    launch(AppState(index, encoder, k=args.k, examples=examples), host=args.host, port=args.port)
+    launch(AppState(index, encoder, k=args.k, examples=examples, model_report=report), host=args.host,
+           port=args.port)
     return 0
 
 

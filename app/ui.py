@@ -5,6 +5,8 @@ Three tabs over one index and one encoder (in process or a server):
            captioned with cosine similarity and label (or path)
   Embed    one or more images in; their embeddings shown and downloadable as .npy and JSON
   Index    what is loaded (size, model, index type, recall), and adding images from the page
+and, after the main job trained the encoder, a fourth:
+  Model    how it was trained, precision@10 against random initialisation and pixels, the curve
 
 The handlers (`AppState.search`, `.embed`, `.add`, `.describe`) are plain functions, tested
 without a browser. Any failure reaches the page as a one-line message in the tab's status box,
@@ -105,9 +107,12 @@ class AppState:
     """The loaded index and encoder, and the handlers the page calls."""
 
     def __init__(self, index: SearchIndex, encoder: Encoder, *, k: int = 10, examples=(), downloads_dir=None,
-                 max_pixels: int = MAX_PIXELS, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+                 max_pixels: int = MAX_PIXELS, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 model_report: dict | None = None):
         """`examples`: image files copied into the app's own folder (those that are not image files
-        of at most MAX_EXAMPLE_BYTES and `max_pixels`, after the first MAX_EXAMPLES, are left out)."""
+        of at most MAX_EXAMPLE_BYTES and `max_pixels`, after the first MAX_EXAMPLES, are left out).
+        `model_report`: app.report.model_report, the Model tab (None: no tab); its plot is copied
+        into the app's own folder too."""
         self.index, self.encoder, self.k = index, encoder, int(k)
         self.max_pixels, self.max_upload_bytes = int(max_pixels), int(max_upload_bytes)
         self.lock = threading.RLock()  # searches read the index while an upload may be extending it
@@ -117,6 +122,16 @@ class AppState:
         self.downloads = self.workdir / "downloads"
         self.downloads.mkdir()
         self.examples = self._copy_examples(examples)
+        self.model_report = self._copy_model_report(model_report)
+
+    def _copy_model_report(self, report: dict | None) -> dict | None:
+        if not report or not report.get("plot"):
+            return report
+        folder = self.workdir / "model"
+        folder.mkdir()
+        target = folder / "training.png"
+        shutil.copyfile(report["plot"], target)
+        return {**report, "plot": str(target)}
 
     def _copy_examples(self, files) -> list[str]:
         folder = self.workdir / "examples"
@@ -327,8 +342,22 @@ def build_app(state: AppState):
                     add_button = gr.Button("Add to the index", variant="primary", elem_id="add-button")
                     add_status = gr.Markdown(elem_id="add-status")
             add_button.click(state.add, [add_files_input, add_label], [add_status, info])
+        if state.model_report:
+            model_tab(state.model_report)
         demo.load(state.describe, None, info)
     return demo
+
+
+# -- Model ---------------------------------------------------------------------------------------
+def model_tab(report: dict) -> None:
+    """The Model tab (inside build_app's Blocks): how the main job trained the encoder, precision@10
+    beside random initialisation and normalised pixels, and the training curve as a picture."""
+    import gradio as gr
+    with gr.Tab("Model", id="model"):
+        gr.Markdown(report["markdown"], elem_id="model-info")
+        if report.get("plot"):
+            gr.Image(report["plot"], label="Training: loss and precision@10 over time", type="filepath",
+                     interactive=False, elem_id="training-plot")
 
 
 def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
@@ -337,8 +366,8 @@ def launch(state: AppState, host: str = "127.0.0.1", port: int = 7860, block: bo
     serves) in the app's own temporary folder, removed when the page stops."""
     os.environ["GRADIO_TEMP_DIR"] = str(state.workdir / "gradio")  # read by Gradio when the page is made
     demo = build_app(state)
-    # only the app's own files; never a folder of the user's (the examples are copies)
-    allowed = [str(state.workdir / "examples"), str(state.downloads)]
+    # only the app's own files; never a folder of the user's (the examples and the plot are copies)
+    allowed = [str(state.workdir / "examples"), str(state.workdir / "model"), str(state.downloads)]
     demo.queue(default_concurrency_limit=2)
 
     def start():

@@ -4,7 +4,8 @@ Opens the app over a real index and the stand-in ONNX encoder, uploads a query i
 k neighbour images, changes k, embeds two images on the Embed tab and downloads the .npy, adds an
 image on the Index tab; then what a hostile visitor would try: an image over the pixel limit,
 markup in a label, files outside the app's own folder, an upload over the size limit, and what is
-left on disk when the page stops. Screenshots go to test-artifacts/ at the repository root (or
+left on disk when the page stops; and, over an encoder the main job's own steps trained, the Model
+tab with its comparison and training curve. Screenshots go to test-artifacts/ at the repository root (or
 $BYOLKIT_TEST_ARTIFACTS), kept after the run.
 """
 from __future__ import annotations
@@ -162,3 +163,52 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
     state.close()
     assert not state.workdir.exists()
     assert not [p for p in (tmp_path / "gradio").rglob("*.png")]  # nor anywhere else
+
+
+def test_model_tab(tmp_path, monkeypatch, image_folder, artifacts):
+    """In Chromium (a short test name: the browser's socket path under tmp_path must stay short): the
+    main job's steps on a few images (cpu-photos for 3 steps, export, index, comparison, curve),
+    then the page's Model tab: precision@10 of BYOL beside random init and pixels, and the plot."""
+    executable = chromium_path()
+    if executable is None:
+        pytest.fail("chromium is not installed (.ci/run installs it with apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from app import quickstart
+    from app.report import model_report
+    set_gradio_env(monkeypatch, tmp_path)
+    run = tmp_path / "run"
+    encoder_file = quickstart.train(image_folder, run, "3m", False, 18, steps=3)
+    encoder = open_encoder(str(quickstart.export(encoder_file, tmp_path / "model.onnx")))
+    index, _ = build_index(encoder, image_folder, tmp_path / "ix", progress=False)
+    scores = quickstart.measured(run, encoder_file, image_folder)
+    report = model_report(run, tmp_path / "training.png", shipped=True)
+    assert report["scores"] == scores and report["plot"]
+    state = ui.AppState(index, encoder, k=4, model_report=report)
+    demo, url = ui.launch(state, port=free_port(), block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(url)
+                page.get_by_role("tab", name="Model").click()
+                info = page.locator("#model-info")
+                info.get_by_text("normalised pixels").wait_for()
+                text = info.inner_text()
+                for line in (f"BYOL encoder (trained without labels)\t{scores['byol']:.3f}",
+                             f"the same network at random initialisation\t{scores['random_init']:.3f}",
+                             f"normalised pixels\t{scores['pixels']:.3f}"):
+                    assert line in text, text
+                assert "3 steps of 16 images, preset cpu-photos" in text and "CC BY 2.0" in text
+                plot = page.locator("#training-plot img")
+                plot.wait_for()
+                page.wait_for_function("document.querySelector('#training-plot img').naturalWidth > 0")
+                assert plot.evaluate("img => img.naturalWidth") == 900  # the 9 x 3.4 in figure at 100 dpi
+                page.screenshot(path=str(artifacts / "app-model.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+        state.close()

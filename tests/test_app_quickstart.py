@@ -2,7 +2,8 @@
 
 The training is cut to two steps (--train-steps) so that the whole path, export and its
 verification included, runs in well under a minute; a second run reuses everything and only
-adds the images that are new. The page itself is tested in test_app_browser.py.
+adds the images that are new, a third asks for more steps and trains the same encoder on. The
+page itself is tested in test_app_browser.py.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from app_util import free_port, gradio_env, make_colour_model
 from conftest import CLASS_COLOURS, PER_CLASS, REPO_ROOT, image_bytes, make_image
 
 from app.faiss_index import SearchIndex
-from app.sampleset import SAMPLE_ZIP, example_files
+from app.sampleset import CREDITS, SAMPLE_ZIP, example_files, read_credits
 
 N = PER_CLASS * len(CLASS_COLOURS)
 
@@ -45,8 +46,9 @@ def test_main_job_on_own_images(tmp_path, image_folder):
     first = summary(app(tmp_path, "--images", images, "--work", work, "--work-exact", "--train-steps", 2,
                         "--no-app", "--no-progress"))
     assert first["count"] == N and first["index"] == str(work / "index")
-    assert set(first["precision_at_10"]) == {"random_init", "byol"}
-    for f in ("run/encoder.safetensors", "model.onnx", "index/index.json"):
+    assert set(first["precision_at_10"]) == {"random_init", "byol", "pixels", "chance"}
+    assert first["training"]["steps"] == 2 and first["training"]["preset"] == "cpu-photos"  # no CUDA here
+    for f in ("run/encoder.safetensors", "model.onnx", "index/index.json", "training.png"):
         assert (work / f).is_file(), f
     index = SearchIndex.load(work / "index")
     from export.onnx import read_metadata
@@ -55,30 +57,66 @@ def test_main_job_on_own_images(tmp_path, image_folder):
     # a second run reuses the encoder, the export and the index, and indexes only what is new
     (images / "red" / "new.png").write_bytes(image_bytes(make_image(CLASS_COLOURS["red"], 500), "PNG"))
     onnx_mtime = (work / "model.onnx").stat().st_mtime_ns
-    second = app(tmp_path, "--images", images, "--work", work, "--work-exact", "--no-app", "--no-progress",
-                 "--no-compare")
+    second = app(tmp_path, "--images", images, "--work", work, "--work-exact", "--train-steps", 2, "--no-app",
+                 "--no-progress", "--no-compare")
     assert summary(second)["count"] == N + 1
     assert "reusing the encoder trained before" in second.stderr and "reusing the exported model" in second.stderr
     assert f"added 1 image, {N} already in the index" in second.stderr
     assert (work / "model.onnx").stat().st_mtime_ns == onnx_mtime
-    assert "training" not in second.stderr.replace("trained before", "")
+    assert "training" not in second.stderr.replace("trained before", "").replace("--train-time trains", "")
+
+    # a third run asks for more: the same encoder trains on from its checkpoint, not from scratch. A marker
+    # planted in the checkpoint's weights (a BatchNorm shift of 3) must come through two more small steps
+    import torch
+    from safetensors.torch import load_file
+    checkpoint = work / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["encoder.bn1.bias"] += 3.0
+    torch.save(state, checkpoint)
+    planted = state["model"]["encoder.bn1.bias"].clone()
+    third = app(tmp_path, "--images", images, "--work", work, "--work-exact", "--train-steps", 4, "--no-app",
+                "--no-progress")
+    result = summary(third)
+    assert "continuing the encoder trained before (2 steps" in third.stderr, third.stderr
+    assert "extending" in third.stderr and "from step 2" in third.stderr
+    assert result["training"]["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4], steps  # each run logs its last step (log_every is 10): the count went on from 2
+    after = load_file(work / "run" / "encoder.safetensors")["bn1.bias"]
+    assert not torch.equal(after, planted) and (after - planted).abs().max() < 0.5  # trained on, from there
+    history = [json.loads(line) for line in (work / "run" / "precision.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]
+    assert read_metadata(work / "model.onnx")["fingerprint"] != index.model["fingerprint"]  # re-exported
 
 
 def test_main_job_default_images_with_a_given_model(tmp_path):
-    """Without --images the shipped set is indexed; --model skips the training."""
+    """Without --images the shipped photos are indexed; --model skips the training."""
     model = make_colour_model(tmp_path / "colour.onnx")
     result = summary(app(tmp_path, "--model", model, "--work", tmp_path / "work", "--no-app", "--no-progress"))
-    assert result["images"] == str(SAMPLE_ZIP) and result["count"] == 600
-    assert result["work"] == str(tmp_path / "work" / "shapes")
+    assert result["images"] == str(SAMPLE_ZIP) and result["count"] == 1000
+    assert result["work"] == str(tmp_path / "work" / "flowers")
     index = SearchIndex.load(result["index"])
-    assert sorted({it["label"] for it in index.items}) == ["bar", "circle", "cross", "ring", "square", "triangle"]
-    assert [p.stem for p in example_files()] == ["bar", "circle", "cross", "ring", "square", "triangle"]
+    kinds = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+    assert sorted({it["label"] for it in index.items}) == kinds
+    assert [p.name.split("_")[0] for p in example_files()] == kinds
 
 
-def test_shipped_image_set_is_small_and_licensed():
-    assert SAMPLE_ZIP.stat().st_size < 3_000_000
-    licence = (SAMPLE_ZIP.parent / "LICENSE.md").read_text()
-    assert "CC0" in licence and "byolkit" in licence
+def test_shipped_photos_and_their_credits_agree():
+    """Every shipped photo has its credit line, and every credit line names a shipped photo."""
+    import zipfile
+    assert SAMPLE_ZIP.stat().st_size < 8_000_000
+    with zipfile.ZipFile(SAMPLE_ZIP) as zf:
+        members = [n for n in zf.namelist() if not n.endswith("/")]
+    shipped = members + [f"examples/{p.name}" for p in example_files()]
+    credits = read_credits(CREDITS)
+    assert sorted(credits) == sorted(shipped) and len(shipped) == len(set(shipped))
+    assert all("CC-BY" in line and "flickr.com/" in line for line in credits.values())
+    per_kind = {}
+    for name in members:
+        per_kind[name.split("/")[0]] = per_kind.get(name.split("/")[0], 0) + 1
+    assert per_kind == {k: 200 for k in ("daisy", "dandelion", "roses", "sunflowers", "tulips")}
+    statement = CREDITS.read_text()
+    assert "CC BY 2.0" in statement and "flower_photos" in statement and "resized" in statement
 
 
 @pytest.mark.parametrize("args, needle", [

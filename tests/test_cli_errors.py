@@ -101,6 +101,8 @@ def cli(tmp_path_factory, image_folder):
         "unknown-arch": command("--data", image_folder, "--out", base / "out-arch", *TINY, "--arch", "resnet7"),
         "batch-too-large": command("--data", image_folder, "--out", base / "out-batch", *TINY,
                                   "--batch-size", "64"),
+        "extend-nothing": command("--data", image_folder, "--out", base / "out-extend", "--extend",
+                                 "--time-budget", "1m"),
         **{name: command("--data", image_folder, "--out", base / f"out-{name}", "--set", assignment)
            for name, (assignment, _) in BAD_SETS.items()},
     }
@@ -111,6 +113,7 @@ def cli(tmp_path_factory, image_folder):
             "overwrite": command("--data", image_folder, "--out", run, *TINY),
             "resume-other-arch": command("--data", image_folder, "--out", run, "--resume", "--arch", "resnet34",
                                         "--no-progress", "--set", "data.workers=0"),
+            "extend-without-length": command("--out", run, "--extend"),
         }, base))
         paths["checkpoint_mtime_before"] = mtime
     return results, paths
@@ -185,4 +188,11 @@ def test_out_already_holds_a_run(cli):
 def test_resume_with_another_architecture(cli):
     results, paths = _needs_real_run(cli)
     assert_usage_error(results["resume-other-arch"], "cannot resume", "model.arch='resnet18_w16'", "'resnet34'")
+    assert (paths["run"] / "checkpoint.pt").stat().st_mtime_ns == paths["checkpoint_mtime_before"]
+
+
+def test_extend_needs_a_run_and_a_length(cli):
+    results, paths = _needs_real_run(cli)
+    assert_usage_error(results["extend-nothing"], "--extend: no run to extend", "out-extend")
+    assert_usage_error(results["extend-without-length"], "--extend needs --time-budget or --max-steps")
     assert (paths["run"] / "checkpoint.pt").stat().st_mtime_ns == paths["checkpoint_mtime_before"]

@@ -258,7 +258,8 @@ def test_copied_sources_exist_and_pass_the_dockerignore():
                     assert not excluded(src), f"COPY {src}: excluded by .dockerignore"
                     if (REPO_ROOT / src).is_dir():
                         assert not excluded(f"{src}/__init__.py")
-    assert not excluded("app/data/shapes.zip"), "the app's package data goes into the image"
+    for data in ("app/data/flowers.zip", "app/data/CREDITS.txt"):
+        assert not excluded(data), "the app's package data (and its credits) go into the image"
 
 
 # ============================================================================================

@@ -48,6 +48,7 @@ class OptimConfig:
     max_steps: int = 0                # > 0: stop after this many optimiser steps instead
     accumulate: int = 1               # gradient accumulation steps per optimiser step
     time_budget_s: float = 0          # > 0: fit the run into this many seconds of training
+    schedule_start: int = 0           # the step where the LR and tau schedules begin (--extend: a warm restart)
     predictor_lr_scale: float = 1.0   # the predictor's LR relative to the rest (paper: 1); a faster
                                       # predictor speeds up short runs (as in DirectPred / SimSiam)
 
@@ -142,7 +143,43 @@ def _cpu_quick() -> Config:
     )
 
 
-PRESETS = {"imagenet-resnet50": _imagenet_resnet50, "cifar10-resnet18": _cifar10_resnet18, "cpu-quick": _cpu_quick}
+def _cpu_photos() -> Config:
+    """Three minutes of photographs on two CPU cores (the main job's preset; see BENCHMARKS.md).
+
+    cpu-quick's recipe (quarter-width ResNet-18, tau 0.9, predictor at 10x the LR, bf16) with
+    what the design runs on the shipped flowers found: the ImageNet stem, which quarters the
+    resolution at once (the small-image stem is several times slower at these sizes), on 48 px
+    views; batch 32, for three to four times the steps of batch 128 at about the same images/s;
+    weak colour jitter and no grayscale, since a photo's colours are part of what it shows.
+    """
+    return Config(
+        preset="cpu-photos",
+        model=ModelConfig(arch="resnet18_w16", stem="imagenet", projector_hidden_dim=1024,
+                          predictor_hidden_dim=1024),
+        data=DataConfig(image_size=48, blur=False, crop_scale_min=0.2, color_strength=0.2, grayscale_p=0.0,
+                        workers=1),
+        optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, batch_size=32, epochs=200, warmup_epochs=2,
+                          predictor_lr_scale=10.0),
+        byol=ByolConfig(tau_base=0.9),
+        run=RunConfig(device="cpu", precision="bf16", checkpoint_every=200),
+    )
+
+
+def _gpu_photos() -> Config:
+    """The main job on a CUDA device: a full-width ResNet-18 on 96 px views of photographs."""
+    return Config(
+        preset="gpu-photos",
+        model=ModelConfig(arch="resnet18", stem="imagenet", projector_hidden_dim=2048, predictor_hidden_dim=2048),
+        data=DataConfig(image_size=96, blur=True, crop_scale_min=0.2, workers=4),
+        optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, batch_size=256, epochs=400, warmup_epochs=5,
+                          predictor_lr_scale=10.0),
+        byol=ByolConfig(tau_base=0.99),
+        run=RunConfig(device="cuda", precision="bf16", checkpoint_every=200),
+    )
+
+
+PRESETS = {"imagenet-resnet50": _imagenet_resnet50, "cifar10-resnet18": _cifar10_resnet18, "cpu-quick": _cpu_quick,
+           "cpu-photos": _cpu_photos, "gpu-photos": _gpu_photos}
 
 
 def preset(name: str) -> Config:

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 -m trainer.pretrain --preset imagenet-resnet50 --data /imagenet/train --out runs/in1k
 
 The run directory receives config.json, metrics.jsonl, TensorBoard events, checkpoint.pt
-(atomic, every --set run.checkpoint_every_s seconds and/or run.checkpoint_every steps) and encoder.safetensors (the encoder with its
-preprocessing contract). `--resume` continues a killed run from its last checkpoint.
+(atomic, every --set run.checkpoint_every_s seconds and/or run.checkpoint_every steps) and
+encoder.safetensors (the encoder with its preprocessing contract). `--resume` continues a killed run from its last
+checkpoint; `--extend` trains a finished run on for a further --time-budget or --max-steps.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
@@ -66,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", default=None, help="labelled images for the kNN monitor "
                    "(e.g. a test split); needs labelled --data too")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--extend", action="store_true", help="train the run in --out on for a further --time-budget or "
+                   "--max-steps: weights, optimiser state and step count carry on; the LR and tau schedules start "
+                   "again over the added steps (a warm restart)")
     p.add_argument("--epochs", type=int, help="training epochs (optim.epochs)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (optim.max_steps); "
                    "the schedules are laid out over it")
@@ -226,11 +231,18 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     lr_peak = cfg.optim.base_lr * cfg.optim.batch_size / 256
     optimizer = build_optimizer(cfg.optim.name, groups, lr_peak, cfg.optim.momentum, cfg.optim.weight_decay,
                                 cfg.optim.trust_coefficient)
-    total_steps = cfg.optim.max_steps or cfg.optim.epochs * plan.steps_per_epoch
+    first = cfg.optim.schedule_start  # 0, or where an extended run's schedules start again
+    total_steps = cfg.optim.max_steps or first + cfg.optim.epochs * plan.steps_per_epoch
     warmup_steps = int(round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
-    lr_at = warmup_cosine(lr_peak, total_steps, warmup_steps)
-    tau_at = tau_schedule(cfg.byol.tau_base, total_steps)
-    budget = TimeBudget(cfg.optim.time_budget_s, start_step=0)
+
+    def schedules(total: int):
+        """Per-step LR and tau over the whole run, indexed by the global step."""
+        lr = warmup_cosine(lr_peak, total - first, warmup_steps)
+        tau = tau_schedule(cfg.byol.tau_base, total - first)
+        return np.concatenate([np.zeros(first), lr]), np.concatenate([np.ones(first), tau])
+    lr_at, tau_at = schedules(total_steps)
+    budget = TimeBudget(cfg.optim.time_budget_s, start_step=0, first_step=first)
+    seconds_before = 0.0  # training seconds of the run before this process (a resumed or extended run)
 
     # ---- 5. run directory and resume ----------------------------------------------------------
     start_step = 0
@@ -243,8 +255,13 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         if dist.rank:  # the checkpoint holds rank 0's generator; the others must differ from it
             torch.manual_seed(cfg.run.seed + dist.rank + 7919 * int(state["step"]))
         start_step = int(state["step"])
-        budget = TimeBudget(cfg.optim.time_budget_s, start_step)
-        log(dist, f"resumed {out} at step {start_step}/{total_steps}")
+        seconds_before = float(state.get("train_seconds", 0.0))
+        budget = TimeBudget(cfg.optim.time_budget_s, start_step, first_step=first)
+        if first == start_step:
+            log(dist, f"extending {out} from step {start_step} ({seconds_before:.0f}s trained): the LR and tau "
+                      f"schedules start again")
+        else:
+            log(dist, f"resumed {out} at step {start_step}/{total_steps}")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
@@ -261,7 +278,8 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         t0 = time.perf_counter()
         if dist.is_main:
             ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict(),
-                                    extra={"data": str(data), "val_data": val_data})
+                                    extra={"data": str(data), "val_data": val_data,
+                                           "train_seconds": seconds_before + budget.elapsed()})
             ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch,
                                  stem=cfg.model.stem, embedding_dim=feature_dim, preprocessing=pre, step=step)
         checkpoints.saved(time.perf_counter() - t0)
@@ -354,8 +372,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         new_total = budget.after_step(done, total_steps, dist)
         if new_total != total_steps:
             total_steps = new_total
-            lr_at = warmup_cosine(lr_peak, total_steps, warmup_steps)
-            tau_at = tau_schedule(cfg.byol.tau_base, total_steps)
+            lr_at, tau_at = schedules(total_steps)
             cfg.optim.max_steps = total_steps  # what a resume continues with
             if dist.is_main:
                 ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
@@ -367,6 +384,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
             elapsed = time.perf_counter() - window["t0"]
             record = {"step": done, "epoch": done / plan.steps_per_epoch,
+                      "train_seconds": round(seconds_before + budget.elapsed(), 2),
                       "lr": float(lr_at[step]), "tau": float(tau_at[done]),
                       "images_per_s": window["steps"] * cfg.optim.batch_size / elapsed,
                       "data_wait": window["data"] / elapsed, "skipped_images": window["skipped"]}
@@ -387,7 +405,8 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
             if dist.is_main:
                 with budget.paused():  # evaluation time is not training time
                     scores = {f"knn_{k}": v for k, v in knn_data.run(byol.encoder).items()}
-                _write_metrics(metrics_file, writer, {"step": done, "train_seconds": budget.elapsed(), **scores})
+                _write_metrics(metrics_file, writer, {"step": done, "train_seconds": seconds_before + budget.elapsed(),
+                                                      **scores})
         step = done
         if stop.requested:
             log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
@@ -398,7 +417,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         profiler.stop()
 
     # ---- 7. final evaluation and summary ------------------------------------------------------
-    summary = {"steps": step, "total_steps": total_steps, "train_seconds": budget.elapsed(),
+    summary = {"steps": step, "total_steps": total_steps, "train_seconds": seconds_before + budget.elapsed(),
                "loss": last_loss, "pipeline": pipeline, "precision": precision, "world_size": dist.world,
                "checkpoints": checkpoints.count, "checkpoint_seconds": round(checkpoints.seconds, 3),
                "empty_steps": empty_steps}
@@ -423,8 +442,9 @@ class TimeBudget:
     """
     FIRST, LAST = 2, 12
 
-    def __init__(self, seconds: float, start_step: int):
-        self.seconds, self.active = seconds, seconds > 0 and start_step < self.LAST
+    def __init__(self, seconds: float, start_step: int, first_step: int = 0):
+        self.first = first_step  # steps are counted from where the schedules start
+        self.seconds, self.active = seconds, seconds > 0 and start_step < first_step + self.LAST
         self.t_begin = self.t_first = None
         self.excluded = 0.0
 
@@ -446,10 +466,11 @@ class TimeBudget:
     def after_step(self, done: int, total: int, dist: Dist) -> int:
         if not self.active:
             return total
-        if done == self.FIRST:
+        done_here = done - self.first
+        if done_here == self.FIRST:
             _sync_device()  # the loop never waits for the device: the two clock readings must
             self.t_first = time.perf_counter()
-        if done < self.LAST or self.t_first is None:
+        if done_here < self.LAST or self.t_first is None:
             return total
         self.active = False
         _sync_device()  # (once each per run)
@@ -610,7 +631,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         state = None
-        if args.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
+        if args.extend and not (out / ckpt_io.CHECKPOINT_NAME).is_file():
+            raise UsageError(f"--extend: no run to extend in {out} (no {ckpt_io.CHECKPOINT_NAME})")
+        if args.extend and not (args.time_budget or args.max_steps):
+            raise UsageError("--extend needs --time-budget or --max-steps: how much longer to train")
+        if (args.resume or args.extend) and (out / ckpt_io.CHECKPOINT_NAME).is_file():
             state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
             args.data = args.data or state.get("data")  # the run remembers its data
             args.val_data = args.val_data or state.get("val_data")
@@ -619,6 +644,10 @@ def main(argv=None) -> int:
         elif (out / ckpt_io.CHECKPOINT_NAME).exists():
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
         cfg = resolve_config(args, state["config"] if state else None)
+        if args.extend:  # the budget and the step count given are on top of what the run has done
+            cfg.optim.schedule_start = int(state["step"])
+            cfg.optim.max_steps = cfg.optim.schedule_start + args.max_steps if args.max_steps else 0
+            cfg.optim.time_budget_s = args.time_budget or 0.0
         if not args.data:
             raise UsageError("--data is required (an image folder, a zip archive, or cifar10/cifar100/stl10)")
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
