@@ -9,7 +9,10 @@ import importlib.util
 # import name -> what it is for, checked before work starts so that a missing extra is one clear line
 NEEDS = {"faiss": "the index (faiss-cpu)", "onnxruntime": "in-process embedding (onnxruntime)",
          "gradio": "the page (gradio)", "onnx": "the main job's export (onnx)",
-         "onnxscript": "the main job's export (onnxscript)", "tritonclient": "a --server encoder (tritonclient)"}
+         "onnxscript": "the main job's export (onnxscript)", "tritonclient": "a --server encoder (tritonclient)",
+         "pyarrow": "Parquet embedding shards (pyarrow)", "ray": "the Ray engine (ray[data])",
+         "qdrant_client": "the Qdrant backend (qdrant-client)"}
+SCALE = ("pyarrow", "ray", "qdrant_client")  # the `scale` extra's; the rest are the `app` extra's
 
 
 def missing(*modules: str) -> str | None:
@@ -17,5 +20,6 @@ def missing(*modules: str) -> str | None:
     absent = [m for m in modules if importlib.util.find_spec(m) is None]
     if not absent:
         return None
-    return (f"missing {', '.join(NEEDS.get(m, m) for m in absent)}: install the app extra, "
-            "pip install -e '.[app]'")
+    extras = ",".join(sorted({"scale" if m in SCALE else "app" for m in absent}))
+    return (f"missing {', '.join(NEEDS.get(m, m) for m in absent)}: install the {extras} extra, "
+            f"pip install -e '.[{extras}]'")

@@ -82,7 +82,7 @@ def add_collection(index: SearchIndex, encoder: Encoder, images, *, batch_size: 
     index.check_model(encoder.model)
     collection, source = open_images(images)
     src = index.add_source(source["kind"], source["path"])
-    present = {it["name"] for it in index.items if it["source"] == src}
+    present = index.present(src, [collection.name(i) for i in range(len(collection))])
     todo = [i for i in range(len(collection)) if collection.name(i) not in present]
     report = AddReport(already=len(collection) - len(todo))
     if todo:  # images unreadable last time are tried again
@@ -104,7 +104,6 @@ def add_files(index: SearchIndex, encoder: Encoder, files, labels=None) -> AddRe
     if index.path is None:
         raise AppError("this index has not been saved anywhere: it cannot keep uploaded images")
     src = index.add_source("folder", UPLOADS_DIR)  # relative: moves with the index directory
-    present = {it["name"] for it in index.items if it["source"] == src}
     report, pending, names, kept_labels = AddReport(), [], [], []
     for n, f in enumerate(files):
         data = Path(f).read_bytes() if isinstance(f, (str, Path)) else bytes(f)
@@ -116,7 +115,7 @@ def add_files(index: SearchIndex, encoder: Encoder, files, labels=None) -> AddRe
             continue
         ext = Path(str(f)).suffix.lower() if isinstance(f, (str, Path)) else ""
         name = hashlib.sha256(data).hexdigest()[:20] + (ext if ext in IMAGE_EXTENSIONS else ".png")
-        if name in present or name in names:
+        if name in names or index.present(src, [name]):
             report.already += 1
             continue
         target = index.path / UPLOADS_DIR / name
