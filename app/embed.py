@@ -130,7 +130,7 @@ def _tar_records(tar_path: str):
         ext, data = image
         source = f"{tar_path}:{key}.{ext}"
         if isinstance(data, str):  # too large: refused before it was read
-            return source, label, (lambda m=data: (_ for _ in ()).throw(ImageDecodeError(m)))
+            return source, label, _refused(data)
         return source, label, (lambda d=data, s=source: _decode_named(d, s))
 
     key, members = None, {}
@@ -165,13 +165,18 @@ def _tar_records(tar_path: str):
             record = flush(key, members)
             if record:
                 yield record
-        yield f"{tar_path}", None, (lambda m=f"{tar_path} is damaged after this point ({e})": (
-            _ for _ in ()).throw(ImageDecodeError(m)))
+        yield tar_path, None, _refused(f"{tar_path} is damaged after this point ({e})")
         return
     if key is not None:
         record = flush(key, members)
         if record:
             yield record
+
+
+def _refused(reason: str):
+    def load():
+        raise ImageDecodeError(reason)
+    return load
 
 
 def _decode_named(data: bytes, name: str):
