@@ -284,6 +284,7 @@ def test_bad_input_gives_one_error_line(tmp_path, capsys, models, image_folder):
     code, _, err = run_cli(index_cli.main, capsys, "info", "--index", tmp_path / "ix", "--backend", "qdrant",
                            "--qdrant-url", url)
     one_error(code, err, f"Qdrant at {url} failed")
-    code, _, err = run_cli(index_cli.main, capsys, "build", "--images", image_folder, "--out", tmp_path / "ix4",
-                           "--model", model, "--backend", "qdrant")
-    one_error(code, err, "--qdrant-url URL", "--qdrant-path DIR")
+    with pytest.raises(SystemExit) as exit_:
+        index_cli.main(["build", "--images", str(image_folder), "--out", str(tmp_path / "ix4"), "--model", str(model),
+                        "--backend", "qdrant"])
+    one_error(exit_.value.code, capsys.readouterr().err, "--qdrant-url URL", "--qdrant-path DIR")
