@@ -12,7 +12,10 @@ MAX_UPLOAD_BYTES = 25 * 2**20  # the largest file a visitor of the page may uplo
 NEEDS = {"faiss": "the index (faiss-cpu)", "onnxruntime": "in-process embedding (onnxruntime)",
          "gradio": "the page (gradio)", "onnx": "the main job's export (onnx)",
          "onnxscript": "the main job's export (onnxscript)", "tritonclient": "a --server encoder (tritonclient)",
-         "matplotlib": "the main job's training curve (matplotlib)"}
+         "matplotlib": "the main job's training curve (matplotlib)",
+         "pyarrow": "Parquet embedding shards (pyarrow)", "ray": "the Ray engine (ray[data])",
+         "qdrant_client": "the Qdrant backend (qdrant-client)"}
+SCALE = ("pyarrow", "ray", "qdrant_client")  # the `scale` extra's; the rest are the `app` extra's
 
 
 def missing(*modules: str) -> str | None:
@@ -20,5 +23,6 @@ def missing(*modules: str) -> str | None:
     absent = [m for m in modules if importlib.util.find_spec(m) is None]
     if not absent:
         return None
-    return (f"missing {', '.join(NEEDS.get(m, m) for m in absent)}: install the app extra, "
-            "pip install -e '.[app]'")
+    extras = ",".join(sorted({"scale" if m in SCALE else "app" for m in absent}))
+    return (f"missing {', '.join(NEEDS.get(m, m) for m in absent)}: install the {extras} extra, "
+            f"pip install -e '.[{extras}]'")

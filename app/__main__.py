@@ -6,6 +6,7 @@
     python -m app --images ~/Pictures               # the same on your own pictures
     python -m app --index INDEX_DIR --model model.onnx         # serve an index built with python -m app.index
     python -m app --index INDEX_DIR --server grpc://host:8001  # ... embedding with a byolkit server
+    python -m app --index INDEX_DIR --model model.onnx --backend qdrant --qdrant-url http://127.0.0.1:6333
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="skip measuring precision@10 against random initialisation and normalised pixels")
     job.add_argument("--no-app", action="store_true", help="prepare everything, print a JSON summary, and exit")
     job.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .backend import add_flags
+    add_flags(p)
     page = p.add_argument_group("the page")
     page.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
                       "0.0.0.0 for every interface)")
@@ -79,9 +82,17 @@ def main(argv=None) -> int:
         parser.error("--train-steps must be 0 or more")
     if args.model and args.server:
         parser.error("give the encoder as either --model or --server, not both")
+    from .backend import Backend
+    backend = Backend.from_args(args)
+    if backend.problem():
+        parser.error(backend.problem())
+    if backend.name != "faiss" and args.index is None:
+        parser.error("--backend qdrant serves an index built with python -m app.index build --backend qdrant: "
+                     "give --index")
     from . import missing
     needed = ["faiss", "onnxruntime" if args.model or not args.server else "tritonclient"]
     needed += [] if args.no_app else ["gradio"]
+    needed += ["qdrant_client"] if backend.name == "qdrant" else []
     needed += ["onnx", "onnxscript", "matplotlib"] if args.index is None and not (args.model or args.server) else []
     problem = missing(*needed)
     if problem:
@@ -95,18 +106,17 @@ def main(argv=None) -> int:
                      "(or the Index tab of the page)")
     if not (args.model or args.server):
         parser.error("--index needs the encoder it was built with: --model MODEL.onnx or --server URL")
-    return serve(args)
+    return serve(args, backend)
 
 
-def serve(args) -> int:
+def serve(args, backend) -> int:
     from pathlib import Path
 
     from .embedding import open_encoder
-    from .faiss_index import SearchIndex
     from .ops import USER_ERRORS, AppError
     from .ui import AppState, launch
     try:
-        index = SearchIndex.load(args.index)
+        index = backend.open(args.index)
         encoder = open_encoder(args.model, args.server, args.model_name)
         index.check_model(encoder.model)
         limits = {"max_pixels": args.max_pixels, "max_upload_bytes": int(args.max_upload_mb * 2**20)}
@@ -121,10 +131,12 @@ def serve(args) -> int:
                                f"{args.max_pixels} pixels each)")
         else:  # a few images of the index, copied out of it (it may be a zip)
             import tempfile
+            from functools import partial
 
             from .quickstart import sample_examples
             with tempfile.TemporaryDirectory(prefix="byolkit-examples-") as folder:
-                state = AppState(index, encoder, k=args.k, examples=sample_examples(index, Path(folder)), **limits)
+                sample = index.sample_examples if backend.name == "qdrant" else partial(sample_examples, index)
+                state = AppState(index, encoder, k=args.k, examples=sample(Path(folder)), **limits)
     except USER_ERRORS + (AppError,) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -485,6 +485,10 @@ class SearchIndex:
             self.sources.append(entry)
         return self.sources.index(entry)
 
+    def present(self, source: int, names) -> set:
+        """Those of `names` (of image source `source`) already in the index."""
+        return {it["name"] for it in self.items if it["source"] == source} & set(names)
+
     # -- searching -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return 0 if self.vectors is None else len(self.vectors)
@@ -617,9 +621,11 @@ class SearchIndex:
                 self.__dict__.update(SearchIndex.load(self.path).__dict__)
             yield self
 
-    def save(self, directory) -> Path:
+    def save(self, directory, prewritten: dict | None = None) -> Path:
         """Write a new generation of the files, then switch index.json to it atomically (under the
-        writers' lock; refused when the directory holds a newer generation than this copy's)."""
+        writers' lock; refused when the directory holds a newer generation than this copy's).
+        `prewritten`: {"vectors": name, "items": name} of this generation's data files, already written
+        into `directory` shard by shard (app.shards, which holds the lock meanwhile): kept as they are."""
         from trainer.checkpoint import atomic_write
         faiss = _faiss()
         directory = Path(directory)
@@ -632,18 +638,22 @@ class SearchIndex:
                                        f"loaded (generation {self.generation}, now {old['generation']}); load it "
                                        "again and repeat the change")
             generation = int(old["generation"]) + 1 if old else 1
-            while any((directory / f"{stem}-{generation}{ext}").exists() for stem, ext in _FILES.values()):
+            while not prewritten and any((directory / f"{stem}-{generation}{ext}").exists()
+                                         for stem, ext in _FILES.values()):
                 generation += 1  # leftovers of an interrupted save: never write over files we did not commit
+            if prewritten:
+                generation = int(prewritten["vectors"].rsplit("-", 1)[1].split(".")[0])
             files = {key: f"{stem}-{generation}{ext}" for key, (stem, ext) in _FILES.items()}
-            with open(directory / files["vectors"], "wb") as f:
-                np.save(f, np.asarray(self.vectors, np.float32))
-                f.flush()
-                os.fsync(f.fileno())
+            if not prewritten:
+                with open(directory / files["vectors"], "wb") as f:
+                    np.save(f, np.asarray(self.vectors, np.float32))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with open(directory / files["items"], "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in self.items)
+                    f.flush()
+                    os.fsync(f.fileno())
             faiss.write_index(self.faiss_index, str(directory / files["index"]))
-            with open(directory / files["items"], "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in self.items)
-                f.flush()
-                os.fsync(f.fileno())
             _fsync_path(directory / files["index"])
             manifest = {"format": INDEX_FORMAT, "generation": generation, "files": files, "count": len(self),
                         "embedding_dim": self.dim, "metric": "cosine", "model": self.model,

@@ -4,6 +4,10 @@
     python -m app.index add    --index INDEX_DIR --images DIR|ZIP --model model.onnx
     python -m app.index search --index INDEX_DIR --image FILE -k 10 --model model.onnx
     python -m app.index info   --index INDEX_DIR
+    python -m app.index build  --embeddings EMB_DIR --out INDEX_DIR   # shards of python -m app.embed
+
+Every command takes --backend qdrant with --qdrant-url URL (a server) or --qdrant-path DIR (local
+mode): the index is then a Qdrant collection named after INDEX_DIR (app/backend.py).
 
 The encoder is an exported ONNX file run in process (--model) or a byolkit server
 (--server grpc://host:8001 or http://host:8000). Similarity is cosine. Collections up to 50,000
@@ -21,6 +25,8 @@ import sys
 
 from export.contract import DEFAULT_MODEL_NAME
 
+from .backend import Backend
+from .backend import add_flags as add_backend_flags
 from .faiss_index import DEFAULT_TARGET_RECALL, KINDS
 
 
@@ -47,8 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="embed a folder or zip of images and write a new index",
                        description="Embed every readable image of --images and write a new index to --out.")
-    b.add_argument("--images", required=True, help="image folder (sub-folders name classes), zip archive of one, "
+    b.add_argument("--images", help="image folder (sub-folders name classes), zip archive of one, "
                    "or a torchvision data set (cifar10:test)")
+    b.add_argument("--embeddings", metavar="EMB_DIR", help="instead of --images: the Parquet shards written by "
+                   "python -m app.embed, indexed one shard in memory at a time (no encoder needed)")
     b.add_argument("--out", required=True, help="index directory (created; must be new unless --force)")
     b.add_argument("--index-type", default="auto", choices=KINDS,
                    help="exact (flat) or approximate (hnsw, ivfpq); auto chooses by size (default)")
@@ -73,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe an index", description="Print what an index holds, as JSON.")
     i.add_argument("--index", required=True, help="index directory")
+    for sp in (b, a, s, i):
+        add_backend_flags(sp)
     return p
 
 
@@ -104,35 +114,56 @@ def main(argv=None) -> int:
         parser.error("--batch-size must be at least 1")
     if not 0 < getattr(args, "target_recall", 0.5) <= 1:
         parser.error("--target-recall must be in (0, 1]")
-    if args.command != "info" and bool(args.model) == bool(args.server):
+    backend = Backend.from_args(args)
+    if backend.problem():
+        parser.error(backend.problem())
+    from_shards = args.command == "build" and args.embeddings
+    if args.command == "build" and bool(args.images) == bool(args.embeddings):
+        parser.error("give the images as either --images DIR|ZIP or --embeddings EMB_DIR")
+    if args.command != "info" and not from_shards and bool(args.model) == bool(args.server):
         parser.error("give the encoder as either --model MODEL.onnx or --server URL")
+    if from_shards and args.model and args.server:
+        parser.error("give the encoder (optional with --embeddings) as either --model or --server")
     from . import missing
-    problem = missing("faiss", *([] if args.command == "info" else ["onnxruntime"] if args.model else ["tritonclient"]))
+    model, server = getattr(args, "model", None), getattr(args, "server", None)
+    encoder_module = ["onnxruntime"] if model else ["tritonclient"] if server else []
+    problem = missing("faiss", *([] if args.command == "info" else encoder_module),
+                      *(["qdrant_client"] if backend.name == "qdrant" else []), *(["pyarrow"] if from_shards else []))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
+    from . import backend as backends
     from . import ops
+    from .embed import EmbedError
     from .embedding import open_encoder
-    from .faiss_index import IndexBusyError, SearchIndex
+    from .faiss_index import IndexBusyError
 
     try:
         if args.command == "info":
-            print(json.dumps(SearchIndex.load(args.index).info(), indent=1))
+            print(json.dumps(backend.open(args.index).info(), indent=1))
             return 0
         if args.command == "build":
-            ops.check_build_target(args.out, args.force)
-            ops.open_images(args.images)  # bad paths fail here, before the model loads
-        index = SearchIndex.load(args.index) if args.command in ("add", "search") else None
-        encoder = open_encoder(args.model, args.server, args.model_name, threads=args.threads)
+            if backend.name == "faiss":
+                ops.check_build_target(args.out, args.force)
+            if args.images:
+                ops.open_images(args.images)  # bad paths fail here, before the model loads
+        index = backend.open(args.index) if args.command in ("add", "search") else None
+        encoder = open_encoder(args.model, args.server, args.model_name, threads=args.threads) \
+            if args.model or args.server else None
         if index is not None:
             index.check_model(encoder.model)
 
-        if args.command == "build":
-            index, report = ops.build_index(encoder, args.images, args.out, kind=args.index_type,
-                                            target_recall=args.target_recall, batch_size=args.batch_size,
-                                            force=args.force, progress=not args.no_progress, log=_log,
-                                            wait=args.wait)
+        if from_shards:
+            index = backends.build_from_embeddings(backend, args.embeddings, args.out, kind=args.index_type,
+                                                   target_recall=args.target_recall, force=args.force,
+                                                   model=encoder.model if encoder else None, log=_log)
+            print(f"indexed {len(index)} embeddings from {args.embeddings} into {args.out}: {_describe(index)}")
+        elif args.command == "build":
+            extra = {"kind": args.index_type, "target_recall": args.target_recall, "wait": args.wait} \
+                if backend.name == "faiss" else {}
+            index, report = backends.build(backend, encoder, args.images, args.out, batch_size=args.batch_size,
+                                           force=args.force, progress=not args.no_progress, log=_log, **extra)
             _report_skipped(report.skipped)
             print(f"indexed {len(index)} images from {args.images} into {args.out} "
                   f"({len(report.skipped)} unreadable skipped): {_describe(index)}")
@@ -153,14 +184,14 @@ def main(argv=None) -> int:
     except IndexBusyError as e:  # not bad input: the same command works once the other writer is done
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ops.USER_ERRORS + (ops.AppError,) as e:
+    except ops.USER_ERRORS + (ops.AppError, EmbedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def _describe(index) -> str:
     recall = index.recall or {}
-    quality = "exact search" if index.kind == "flat" else (
+    quality = "exact search" if index.kind == "flat" else "Qdrant, cosine" if index.kind == "qdrant" else (
         f"recall@10 {recall['value']} against exact (target {recall['target']})" if recall.get("value") is not None
         else "too few images to measure recall: searching exhaustively")
     model = index.model

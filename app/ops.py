@@ -100,8 +100,10 @@ def build_index(encoder: Encoder, images, out, *, kind: str = "auto", target_rec
 
 
 def _writing(index: SearchIndex, wait: bool, log=None):
-    """The writers' lock of a saved index (brought up to date first); nothing for one never saved."""
-    return index.writing(wait=wait, on_wait=log) if index.path is not None else contextlib.nullcontext()
+    """The writers' lock of a saved FAISS index (brought up to date first); nothing for one never saved,
+    nor for a Qdrant collection (the server orders concurrent writes; point ids are content-derived)."""
+    writing = getattr(index, "writing", None)
+    return writing(wait=wait, on_wait=log) if writing and index.path is not None else contextlib.nullcontext()
 
 
 def add_collection(index: SearchIndex, encoder: Encoder, images, *, batch_size: int = 64,
@@ -118,7 +120,7 @@ def add_collection(index: SearchIndex, encoder: Encoder, images, *, batch_size: 
 def _add_collection(index, encoder, collection, source, *, batch_size, progress, log) -> AddReport:
     index.check_model(encoder.model)
     src = index.add_source(source["kind"], source["path"])
-    present = {it["name"] for it in index.items if it["source"] == src}
+    present = index.present(src, [collection.name(i) for i in range(len(collection))])
     todo = [i for i in range(len(collection)) if collection.name(i) not in present]
     report = AddReport(already=len(collection) - len(todo))
     if todo:  # images unreadable last time are tried again
@@ -163,9 +165,9 @@ def add_files(index: SearchIndex, encoder: Encoder, files, labels=None, *, max_p
         decoded.append((hashlib.sha256(data).hexdigest()[:20] + ext, data, pixels, label))
     if not decoded:
         return report
-    with index.writing(wait=wait):
+    with _writing(index, wait):
         src = index.add_source("folder", UPLOADS_DIR)  # relative: moves with the index directory
-        present = {it["name"] for it in index.items if it["source"] == src}
+        present = index.present(src, [name for name, *_ in decoded])
         pending, items = [], []
         for name, data, pixels, label in decoded:
             if name in present:

@@ -242,16 +242,19 @@ class AppState:
     # -- Index ---------------------------------------------------------------------------------
     def describe(self) -> str:
         ix, m = self.index, self.index.model
+        info = ix.info()
         if ix.kind == "flat":
             quality = "exact search"
+        elif ix.kind == "qdrant":
+            quality = f"Qdrant collection `{info['qdrant']['collection']}` at {info['qdrant']['at']}, cosine"
         elif ix.recall and ix.recall.get("value") is not None:
             r = ix.recall
             quality = f"recall@{r['k']} = {r['value']} against exact search ({r['queries']} held-out queries)"
         else:
             quality = "approximate; too few images to measure recall, searching exhaustively"
-        sources = ", ".join(f"{s['kind']} {s['path']}" for s in ix.sources) or "-"
-        labels = sorted({it["label"] for it in ix.items if it.get("label")})
-        rows = [("images", f"{len(ix)}" + (f" ({ix.skipped} unreadable skipped)" if ix.skipped else "")),
+        sources = ", ".join(f"{s['kind']} {s['path']}" for s in info["sources"]) or "-"
+        labels = info["labels"]
+        rows = [("images", f"{info['count']}" + (f" ({ix.skipped} unreadable skipped)" if ix.skipped else "")),
                 ("index type", f"{ix.kind} ({'chosen by size' if ix.requested == 'auto' else 'asked for'}); {quality}"),
                 ("model", (f"{m.get('arch', '?')} ({m.get('stem', '?')} stem), {ix.dim}-d embeddings, "
                           f"input {m.get('input_size', '?')} px, fingerprint {m.get('fingerprint')}")),

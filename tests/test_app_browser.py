@@ -212,3 +212,56 @@ def test_model_tab(tmp_path, monkeypatch, image_folder, artifacts):
     finally:
         demo.close()
         state.close()
+
+
+@pytest.fixture
+def served_qdrant(tmp_path, monkeypatch, image_folder):
+    """The same page over a Qdrant index (local mode) built through the command line."""
+    from app.backend import Backend
+    from app.index import main as index_main
+    set_gradio_env(monkeypatch, tmp_path)
+    model = make_colour_model(tmp_path / "colour.onnx")
+    assert index_main(["build", "--images", str(image_folder), "--out", str(tmp_path / "photos"), "--model",
+                       str(model), "--no-progress", "--backend", "qdrant", "--qdrant-path", str(tmp_path / "qd")]) == 0
+    index = Backend("qdrant", qdrant_path=str(tmp_path / "qd")).open(tmp_path / "photos")
+    state = ui.AppState(index, open_encoder(str(model)), k=4, examples=[image_folder / "red" / "img_00.png"])
+    demo, url = ui.launch(state, port=free_port(), block=False)
+    yield state, url
+    demo.close()
+    state.close()
+    index.close()
+
+
+def test_page_on_qdrant_in_chromium(served_qdrant, image_folder, tmp_path, artifacts):
+    """Search and add behave as on FAISS: the page does not know which backend it has."""
+    executable = chromium_path()
+    if executable is None:
+        pytest.fail("chromium is not installed (.ci/run installs it with apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+    state, url = served_qdrant
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.set_input_files("#query-image input[type=file]", str(image_folder / "green" / "img_02.png"))
+            thumbs = page.locator("#neighbours .thumbnail-item img")
+            thumbs.nth(3).wait_for()
+            captions = page.locator("#neighbours .caption-label").all_inner_texts()
+            assert captions[0] == "1.000 · green" and all(c.endswith("green") for c in captions)
+            assert "4 nearest of 18 images (qdrant index)" in page.locator("#search-status").inner_text()
+            assert page.evaluate("[...document.querySelectorAll('#neighbours .thumbnail-item img')]"
+                                 ".every(i => i.naturalWidth > 0)")
+            page.get_by_role("tab", name="Index").click()
+            assert "Qdrant collection" in page.locator("#index-info").inner_text()
+            new = tmp_path / "purple.png"
+            new.write_bytes(image_bytes(make_image((150, 20, 200), 99), "PNG"))
+            page.set_input_files("#add-files input[type=file]", str(new))
+            page.click("#add-button")
+            page.locator("#add-status", has_text="the index now holds 19 images").wait_for()
+            page.screenshot(path=str(artifacts / "app-qdrant.png"), full_page=True)
+            assert "Traceback" not in page.content()
+        finally:
+            browser.close()
+    assert len(state.index) == 19 and (tmp_path / "photos" / "uploads").is_dir()

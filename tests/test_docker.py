@@ -316,10 +316,12 @@ def test_compose_services_volumes_and_images(name):
     c = compose(name)
     services = c["services"]
     runtime = "triton" if name == "docker-compose.yml" else "server"
-    assert set(services) == {runtime, "app", "train"}
-    assert set(c["volumes"]) == VOLUMES
+    extra = {"qdrant"} if name == "docker-compose.yml" else set()
+    assert set(services) == {runtime, "app", "train"} | extra
+    assert set(c["volumes"]) == VOLUMES | extra
     used = {s for spec in services.values() for s in mounts(spec).values()}
-    assert used - VOLUMES <= {DATA_BIND} and VOLUMES <= used, f"volumes used {used}, declared {set(c['volumes'])}"
+    assert used - VOLUMES - extra <= {DATA_BIND} and VOLUMES | extra <= used, \
+        f"volumes used {used}, declared {set(c['volumes'])}"
     stages = dockerfile_stages()
     for service, spec in services.items():
         if "build" in spec:
@@ -340,6 +342,20 @@ def test_compose_services_volumes_and_images(name):
             assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     else:
         assert gpu == [] and {spec["build"]["target"] for spec in services.values()} == {"cpu"}
+
+
+def test_qdrant_is_pinned_local_only_persistent_and_healthchecked():
+    spec = compose("docker-compose.yml")["services"]["qdrant"]
+    image, _, tag = spec["image"].rpartition(":")
+    assert image == "qdrant/qdrant" and re.fullmatch(r"v\d+\.\d+\.\d+", tag), spec["image"]
+    major, minor = map(int, tag[1:].split(".")[:2])
+    assert (major, minor) >= (1, 16), "collection metadata (the model fingerprint) needs Qdrant 1.16"
+    assert spec["ports"] == ["127.0.0.1:6333:6333"], "the API port is bound to this machine only"
+    assert mounts(spec) == {"/qdrant/storage": "qdrant"}
+    check = spec["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "bash", "-c"] and "/dev/tcp/127.0.0.1/6333" in check[3] and "/readyz" in check[3]
+    assert "200" in check[3] and "curl" not in check[3], "the qdrant image has no curl; the check needs a 200"
+    assert spec["profiles"] == ["qdrant"] and spec["restart"] == "unless-stopped"
 
 
 def test_triton_is_pinned_and_serves_the_models_volume():
