@@ -49,7 +49,7 @@ def plot_training(metrics: list[dict], history: list[dict], png: Path) -> Path |
             ax_p.axhline(last[key], color="grey" if key == "chance" else "tab:orange" if key == "pixels"
                          else "tab:red", linestyle=style, linewidth=1, label=label)
         ax_p.set_ylim(0, 1)
-        ax_p.legend(loc="lower right", fontsize=8)
+        ax_p.legend(loc="upper left", fontsize=8)
     else:
         ax_p.text(0.5, 0.5, "not measured\n(no labels, or --no-compare)", ha="center", va="center",
                   transform=ax_p.transAxes)
