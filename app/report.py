@@ -37,7 +37,7 @@ def plot_training(metrics: list[dict], history: list[dict], png: Path) -> Path |
     from matplotlib.figure import Figure
     fig = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
     ax_loss, ax_p = fig.subplots(1, 2)
-    ax_loss.plot(*zip(*losses), color="tab:blue", linewidth=1.2)
+    ax_loss.plot(*zip(*losses), color="tab:blue", linewidth=1.2, marker="o" if len(losses) < 20 else None)
     ax_loss.set(title="BYOL loss", xlabel="training time (min)", ylabel="loss")
     ax_loss.grid(alpha=0.3)
     if history:
@@ -49,7 +49,7 @@ def plot_training(metrics: list[dict], history: list[dict], png: Path) -> Path |
             ax_p.axhline(last[key], color="grey" if key == "chance" else "tab:orange" if key == "pixels"
                          else "tab:red", linestyle=style, linewidth=1, label=label)
         ax_p.set_ylim(0, 1)
-        ax_p.legend(loc="lower right", fontsize=8)
+        ax_p.legend(loc="upper left", fontsize=8)
     else:
         ax_p.text(0.5, 0.5, "not measured\n(no labels, or --no-compare)", ha="center", va="center",
                   transform=ax_p.transAxes)
