@@ -71,6 +71,8 @@ class ServerProcess:
 
     def __init__(self, model, tmp: Path, *extra, ignore_sigint: bool = False):
         self.http_port, self.grpc_port, self.metrics_port = free_ports()
+        if "--exit-timeout" not in map(str, extra):  # a test's idle keep-alive HTTP client holds a stop this long
+            extra = (*extra, "--exit-timeout", 5)
         self.args = [sys.executable, "-m", "serving.server", "--model", str(model), "--http-port", str(self.http_port),
                      "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port), *map(str, extra)]
         self.tmp, self.ignore_sigint = tmp, ignore_sigint
