@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         status, _ = client.predict([handle_file(str(b)) for b in big[:args.images]], "", api_name="/add")
         result.update(add_seconds=round(time.perf_counter() - started, 1), add_status=status,
                       after_add_mib=round(mib(app.pid, "VmRSS")), peak_after_add_mib=round(mib(app.pid, "VmHWM")))
-        gallery, status = client.predict(handle_file(str(big[-1])), 5, api_name="/search")
+        _gallery, status = client.predict(handle_file(str(big[-1])), 5, api_name="/search")
         result.update(search_status=status, after_search_mib=round(mib(app.pid, "VmRSS")),
                       peak_mib=round(mib(app.pid, "VmHWM")))
     finally:

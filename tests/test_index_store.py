@@ -66,7 +66,7 @@ def test_add_then_round_trip_replaces_the_generation(tmp_path):
     assert loaded.add(x[200:], items_for(50, 200), model=dict(MODEL), skipped=2) == 50
     loaded.save(tmp_path / "ix")
     files = sorted(p.name for p in (tmp_path / "ix").iterdir())
-    assert files == ["index-2.faiss", "index.json", "items-2.jsonl", "vectors-2.npy"]  # generation 1 is gone
+    assert files == ["index-2.faiss", "index.json", "index.lock", "items-2.jsonl", "vectors-2.npy"]  # gen. 1 is gone
     again = SearchIndex.load(tmp_path / "ix")
     assert len(again) == 250 and again.skipped == 2 and again.items[-1]["name"] == "img_00249.png"
     _, ids = again.search(x[240:245], k=1)
@@ -111,11 +111,13 @@ def test_interrupted_save_keeps_the_old_index(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         index.save(tmp_path / "ix")
     monkeypatch.undo()
-    assert len(SearchIndex.load(tmp_path / "ix")) == 100  # the committed generation, untouched
-    index.save(tmp_path / "ix")  # the next save writes past the leftovers and clears them
+    assert (tmp_path / "ix" / "vectors-2.npy").exists()  # the interrupted generation's first file
+    assert len(SearchIndex.load(tmp_path / "ix")) == 100  # the committed generation, untouched...
+    assert not (tmp_path / "ix" / "vectors-2.npy").exists()  # ...and the leftovers cleared by the load
+    index.save(tmp_path / "ix")
     assert len(SearchIndex.load(tmp_path / "ix")) == 120
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == [
-        "index-3.faiss", "index.json", "items-3.jsonl", "vectors-3.npy"]
+        "index-2.faiss", "index.json", "index.lock", "items-2.jsonl", "vectors-2.npy"]
 
 
 def test_k_beyond_the_collection():
