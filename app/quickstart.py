@@ -229,8 +229,9 @@ def run(args) -> int:
         return 0
     from .ui import AppState, launch
     examples = example_files() if images == SAMPLE_ZIP else sample_examples(index, work / "examples")
-    launch(AppState(index, encoder, k=args.k, examples=examples, model_report=report), host=args.host,
-           port=args.port)
+    state = AppState(index, encoder, k=args.k, examples=examples, model_report=report, max_pixels=args.max_pixels,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20))
+    launch(state, host=args.host, port=args.port)
     return 0
 
 
