@@ -232,8 +232,9 @@ def served_qdrant(tmp_path, monkeypatch, image_folder):
     index.close()
 
 
-def test_page_on_qdrant_in_chromium(served_qdrant, image_folder, tmp_path, artifacts):
-    """Search and add behave as on FAISS: the page does not know which backend it has."""
+def test_qdrant_page(served_qdrant, image_folder, tmp_path, artifacts):
+    """Search and add behave as on FAISS: the page does not know which backend it has. (A short test
+    name: Chromium's singleton socket lives under tmp_path, and a Unix socket path has at most 107 bytes.)"""
     executable = chromium_path()
     if executable is None:
         pytest.fail("chromium is not installed (.ci/run installs it with apt-get install -y chromium)")
