@@ -164,7 +164,7 @@ def test_stop_mid_epoch_resumes_exactly(shapes, tmp_path, monkeypatch):
     summary = segment.train(dict(cfg), tmp_path / "parts", progress=False)
     monkeypatch.undo()
     assert summary["stopped"] and summary["steps"] == 4
-    state = segment.load_run(tmp_path / "parts", "segment")
+    state = segment.open_run(tmp_path / "parts", "segment", resume=True)
     assert state["epoch"] == 0 and state["position"] == 32
     segment.train(dict(state["config"]), tmp_path / "parts", state, progress=False)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]

@@ -73,7 +73,7 @@ from .downstream import (
     colour_map,
     cosine_schedule,
     epoch_indices,
-    load_run,
+    open_run,
     poly_schedule,
     prepare_resnet,
     resolve_device,
@@ -934,13 +934,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
     try:
-        state = None
-        if args.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-            state = load_run(out, "depth")
-        elif args.resume:
-            raise UsageError(f"--resume: no checkpoint in {out}")
-        elif (out / ckpt_io.CHECKPOINT_NAME).exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        state = open_run(out, "depth", args.resume)
         cfg = resolve_config(args, state["config"] if state else None)
         summary = train(cfg, out, state, progress=not args.no_progress)
     except (UsageError, ckpt_io.CheckpointError, ImageDecodeError) as e:

@@ -200,6 +200,19 @@ def load_run(out: Path, kind: str) -> dict:
     return state
 
 
+def open_run(out: Path, kind: str, resume: bool) -> dict | None:
+    """The saved state to continue with --resume (an error when there is none), or None for a new run
+    (an error when `out` already holds one)."""
+    has_checkpoint = (Path(out) / ckpt_io.CHECKPOINT_NAME).is_file()
+    if resume and has_checkpoint:
+        return load_run(out, kind)
+    if resume:
+        raise UsageError(f"--resume: no checkpoint in {out}")
+    if (Path(out) / ckpt_io.CHECKPOINT_NAME).exists():
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    return None
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
                   shuffle: bool = True) -> list[list[int]]:
     """This process's batches of epoch `epoch`: a function of (seed, epoch) only, so a resumed run
