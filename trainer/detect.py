@@ -56,15 +56,7 @@ from .downstream import (
 )
 from .preprocess import MAX_PIXELS
 from .pretrain import DeferredMetrics, Stop
-
-
-class DataError(ValueError):
-    """Annotations or images that cannot be used as given."""
-
-
-class TrainingError(RuntimeError):
-    """Training that cannot go on (a loss that is no longer finite)."""
-
+from .runtime import DataError, TrainingError
 
 LOG_EVERY = 20  # steps between the host's (deferred) looks at the losses
 

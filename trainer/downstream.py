@@ -19,22 +19,11 @@ from PIL import Image
 from torch import nn
 
 from . import checkpoint as ckpt_io
+from .runtime import UsageError, resolve_device  # noqa: F401 - resolve_device: re-exported
 
 NORM_CHOICES = ("frozen", "sync", "bn")
 # torchvision's convention for --trainable-layers: the last N of these are trained, the rest frozen
 STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
-
-
-class UsageError(ValueError):
-    """A bad command line or input, reported as one line before any work starts."""
-
-
-def resolve_device(want: str) -> str:
-    """--device auto|cpu|cuda -> the device type to run on; cuda without a GPU is a usage error."""
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return device_type
 
 
 # ============================================================================================
