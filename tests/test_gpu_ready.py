@@ -281,8 +281,8 @@ def test_detection_loss_check_reads_the_deferred_record():
 
     logged, bar = DeferredMetrics(), Bar()
     logged.push({"step": 20}, loss=torch.tensor(1.5), nonfinite=torch.tensor(0.0))
-    _check_losses(logged.pop(), {"lr": 0.02}, bar, D.Dist(), epoch=0)
+    _check_losses(logged.pop(), 0.02, bar, D.Dist(), epoch=0)
     assert bar.postfix == {"loss": "1.500", "epoch": 1}
     logged.push({"step": 40}, loss=torch.tensor(float("nan")), nonfinite=torch.tensor(1.0))
     with pytest.raises(TrainingError, match="non-finite by step 40"):
-        _check_losses(logged.pop(), {"lr": 0.02}, bar, D.Dist(), epoch=1)
+        _check_losses(logged.pop(), 0.02, bar, D.Dist(), epoch=1)

@@ -82,11 +82,14 @@ def resolve_device(want: str) -> str:
     return device_type
 
 
-def seed_process(seed: int, rank: int = 0, step: int = 0) -> None:
-    """Seed torch's global generator for process `rank`: each process draws differently, and a
-    run resumed at `step` does not repeat the draws of its start (rank 0 restores its saved RNG
-    state instead, which is why step only counts for the other ranks)."""
-    torch.manual_seed(seed + rank + (7919 * int(step) if rank and step else 0))
+def seed_process(seed: int, rank: int = 0, resumed_at: int | None = None) -> None:
+    """Seed torch's global generator for process `rank`, so that each process draws differently.
+    A run resumed at step `resumed_at`: the main process has restored its saved RNG state and keeps
+    it; the others (whose state is not saved) are seeded anew, apart from the draws of the start."""
+    if resumed_at is None:
+        torch.manual_seed(seed + rank)
+    elif rank:
+        torch.manual_seed(seed + rank + 7919 * int(resumed_at))
 
 
 # ============================================================================================

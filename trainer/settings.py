@@ -13,6 +13,7 @@ knows nothing of any command:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -129,3 +130,38 @@ def check_unchanged(saved, current, keys, flag=lambda key: "--" + key.replace("_
         k = changed[0]
         raise UsageError(f"cannot change {', '.join(flag(c) for c in changed)} when resuming "
                          f"(the run has {get(saved, k)!r}, asked for {get(current, k)!r})")
+
+
+def fixed_on_resume(cls) -> tuple[str, ...]:
+    """The settings a resume may not change: the class's FIXED_ON_RESUME, or every field but its
+    CHANGEABLE_ON_RESUME."""
+    if hasattr(cls, "FIXED_ON_RESUME"):
+        return tuple(cls.FIXED_ON_RESUME)
+    changeable = set(getattr(cls, "CHANGEABLE_ON_RESUME", ()))
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in changeable)
+
+
+def resolve(cls, saved: dict | None = None, assignments=(), given: dict | None = None, prepare=None):
+    """A command's settings: the defaults (a new run) or the resumed run's saved ones, then the `--set`
+    assignments, then the flags given on the command line (`given`: name -> value, None = not given);
+    `prepare(settings)` normalises them (absolute paths, parsed sizes) before a resume is checked
+    against the saved settings (`fixed_on_resume(cls)`)."""
+    s = from_dict(cls, saved) if saved is not None else cls()
+    before = copy.deepcopy(s)
+    apply_overrides(s, assignments)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in (given or {}).items():
+        if value is not None and key in names:
+            setattr(s, key, value)
+    if prepare is not None:
+        prepare(s)
+    if saved is not None:
+        check_unchanged(before, s, fixed_on_resume(cls))
+    return s
+
+
+def add_set_flag(parser) -> None:
+    """The `--set key=value` flag, the same on every command."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting by name (value as JSON when it parses, else a string), repeatable; "
+                             "config.json in a run directory lists them all")
