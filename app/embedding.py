@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import DEFAULT_MODEL_NAME
-from trainer.preprocess import ImageDecodeError
+from contract.deployment import DEFAULT_MODEL_NAME
+from contract.preprocess import ImageDecodeError
 
 
 class EncoderError(ValueError):

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from export.contract import DEFAULT_MODEL_NAME
+from contract.deployment import DEFAULT_MODEL_NAME
 
 from .backend import Backend
 from .backend import add_flags as add_backend_flags

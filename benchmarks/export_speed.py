@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import export.onnx as xo
-from export.contract import INPUT_FLOAT, INPUT_UINT8, OUTPUT
+from contract.deployment import INPUT_FLOAT, INPUT_UINT8, OUTPUT
 from serving.engine import require_providers
 
 
@@ -114,7 +114,7 @@ def calibration_folder(workdir: Path, size: int, count: int = 96) -> Path:
     """Generated picture-like images (export.onnx's verification pictures) for calibrating random encoders."""
     from PIL import Image
 
-    from trainer.preprocess import Preprocessing
+    from contract.preprocess import Preprocessing
     folder = workdir / "calibration"
     if not folder.is_dir():
         folder.mkdir()

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import export.quantize as xq
-from export.contract import OUTPUT, read_onnx_metadata
+from contract.deployment import OUTPUT, read_onnx_metadata
 
 
 def machine() -> dict:

@@ -80,10 +80,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from trainer.augment import BatchAugment, byol_views  # noqa: E402
 from trainer.models import ARCHITECTURES, BYOL, build_encoder  # noqa: E402
 from trainer.optim import build_optimizer, parameter_groups  # noqa: E402
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 BYOLKIT, PEER, LIGHTLY = "byolkit", "byol-pytorch", "lightly"
 

@@ -26,12 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from contract.preprocess import Preprocessing  # noqa: E402
 from trainer.checkpoint import load_encoder  # noqa: E402
 from trainer.config import preset  # noqa: E402
 from trainer.data import decode_all, open_collection  # noqa: E402
 from trainer.knn import embed, knn_accuracy  # noqa: E402
 from trainer.models import build_encoder  # noqa: E402
-from trainer.preprocess import Preprocessing  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -35,25 +35,32 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.deployment import (
+    INPUT_FLOAT,
+    INPUT_UINT8,
+    METADATA_KEY,
+    OUTPUT,
+    MetadataError,
+    encode_metadata,
+    read_onnx_metadata,
+)
+from contract.preprocess import (
+    Preprocessing,
+    normalize_unit_tensor,
+)
 from trainer import __version__
 from trainer.checkpoint import (
     CHECKPOINT_NAME,
     ENCODER_NAME,
     CheckpointError,
     atomic_write,
-    default_preprocessing,
     load_checkpoint,
     load_encoder,
-    parse_random_spec,
     weights_fingerprint,
 )
 from trainer.models import ARCHITECTURES, STEMS, MLPHead, build_encoder
-from trainer.preprocess import (
-    Preprocessing,
-    normalize_unit_tensor,
-)
+from trainer.sources import RANDOM_PREFIX, resolve_random
 
-from .contract import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, MetadataError, encode_metadata, read_onnx_metadata
 from .quantize import (
     CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_IMAGES,
@@ -69,7 +76,6 @@ INPUT_KINDS = ("uint8", "float")
 HEADS = ("encoder", "projector")
 EXPORTERS = ("dynamo", "torchscript")
 BATCH_DIM = "batch"
-RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
 
 # Verification tolerances (issue 3): float32 weights must match PyTorch to these bounds.
@@ -94,21 +100,23 @@ read_metadata = read_onnx_metadata  # (onnx_path) -> dict; cheap, see export.con
 # Sources: run directory, checkpoint, encoder file, or random:ARCH[:STEM[:INPUT_SIZE]]
 # ============================================================================================
 def parse_random_source(spec: str) -> tuple[str, str, int]:
-    """"random:resnet18:small:32" -> ("resnet18", "small", 32); stem and size have defaults."""
+    """"random:resnet18:small:32" -> ("resnet18", "small", 32) (trainer.sources' grammar, random:PATH too)."""
     try:
-        arch, stem, size = parse_random_spec(spec)
+        arch, stem, pre = resolve_random(spec)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    return arch, stem, size or default_preprocessing(stem).input_size
+    return arch, stem, pre.input_size
 
 
 def _random_encoder(spec: str, head: str):
-    arch, stem, size = parse_random_source(spec)
-    with torch.random.fork_rng(devices=[]):
+    try:
+        arch, stem, pre = resolve_random(spec)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    with torch.random.fork_rng(devices=[]):  # the projector draws after the encoder, from the same seed
         torch.manual_seed(RANDOM_SEED)
         encoder, dim = build_encoder(arch, stem)
         projector = MLPHead(dim) if head == "projector" else None
-    pre = default_preprocessing(stem, size)
     calibrate_batchnorm(encoder, projector, pre)
     info = {"arch": arch, "stem": stem, "embedding_dim": dim, "step": 0, "preprocessing": pre,
             "fingerprint": weights_fingerprint(encoder.state_dict())}

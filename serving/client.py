@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
-from trainer.preprocess import ImageDecodeError, Preprocessing, load_rgb
+from contract.deployment import DEFAULT_MODEL_NAME, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
+from contract.preprocess import ImageDecodeError, Preprocessing, load_rgb
 
 from .engine import ModelError, OnnxEncoder, l2_normalize
 from .repository import IMAGE_INPUT, image_model_name

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
-from trainer.preprocess import MAX_PIXELS, ImageDecodeError, Preprocessing, load_rgb
+from contract.deployment import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
+from contract.preprocess import MAX_PIXELS, ImageDecodeError, Preprocessing, load_rgb
 
 # Encoded images larger than this are refused before decoding (a photo is a few megabytes).
 MAX_IMAGE_BYTES = 32 * 1024 * 1024

@@ -14,8 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_UINT8, OUTPUT, encode_metadata
-from trainer.preprocess import MAX_PIXELS
+from contract.deployment import DEFAULT_MODEL_NAME, INPUT_UINT8, OUTPUT, encode_metadata
+from contract.preprocess import MAX_PIXELS
 
 from .engine import MAX_IMAGE_BYTES, ModelError, OnnxEncoder
 

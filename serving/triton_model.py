@@ -31,8 +31,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
+from contract.preprocess import ImageDecodeError
 from serving.engine import OnnxEncoder, l2_normalize
-from trainer.preprocess import ImageDecodeError
 
 IMAGE_INPUT = "image_bytes"
 

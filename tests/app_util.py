@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import INPUT_UINT8, METADATA_KEY, OUTPUT, encode_metadata
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
+from contract.deployment import INPUT_UINT8, METADATA_KEY, OUTPUT, encode_metadata
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
 
 SIZE, DIM = 16, 16
 

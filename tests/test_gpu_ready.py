@@ -251,7 +251,7 @@ def test_knn_monitor_decodes_a_bounded_sample(image_folder):
 
 # -- 7: no host-to-device copy of the normalisation statistics per call -----------------------------------
 def test_normalisation_statistics_are_made_once_per_device(monkeypatch):
-    from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing, _channel_stats
+    from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing, _channel_stats
     _channel_stats.cache_clear()
     pre = Preprocessing.for_image_size(8, CIFAR10_MEAN, CIFAR10_STD)
     batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)

@@ -16,8 +16,8 @@ from conftest import REPO_ROOT
 from PIL import Image
 
 from trainer.finetune import segment
-from trainer.settings import from_dict
 from trainer.models import build_encoder
+from trainer.settings import from_dict
 
 # sparse ids on purpose (as COCO panoptic's); 0 is the ignore index and also named in the file
 CLASSES = {"ignore_index": 0, "classes": {"0": "unlabeled", "3": "background", "7": "square", "12": "disc"}}

@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, settings
+from contract.preprocess import Preprocessing, normalize_unit_tensor
+
+from . import __version__, settings, sources
 from . import checkpoint as ckpt_io
 from .augment import ViewAugmentation, crop_resize_batch
 from .data import BatchPlan, DataError, ImageCollection, SubsetCollection, decode_all, open_collection
 from .knn import embed, knn_accuracy
 from .optim import parameter_groups, warmup_cosine
-from .preprocess import Preprocessing, normalize_unit_tensor
 from .runtime import UsageError, cli_main, resolve_device
 from .settings import add_set_flag
 
@@ -344,7 +345,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2])
     sub = p.add_subparsers(dest="protocol", required=True, metavar="{" + ",".join(PROTOCOLS) + "}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--encoder", required=True, help=ckpt_io.ENCODER_SOURCE_HELP)
+    common.add_argument("--encoder", required=True, help=sources.ENCODER_SOURCE_HELP)
     common.add_argument("--train", required=True, help="labelled training images: a folder with one sub-folder per "
                         "class, a zip archive of one, or cifar10 / cifar100 / stl10")
     common.add_argument("--test", required=True, help="labelled test images, same forms (e.g. cifar10:test); "
@@ -418,10 +419,10 @@ def metrics_path(args) -> Path:
     if args.out:
         return args.out
     spec = str(args.encoder)
-    random_ref = spec.startswith(ckpt_io.RANDOM_PREFIX) and Path(spec[len(ckpt_io.RANDOM_PREFIX):]).exists()
-    if spec.startswith((ckpt_io.RANDOM_PREFIX, ckpt_io.SUPERVISED_PREFIX)) and not random_ref:
+    random_ref = spec.startswith(sources.RANDOM_PREFIX) and Path(spec[len(sources.RANDOM_PREFIX):]).exists()
+    if spec.startswith((sources.RANDOM_PREFIX, sources.SUPERVISED_PREFIX)) and not random_ref:
         raise UsageError(f"--out is required for --encoder {spec} (it has no folder to write beside)")
-    ref = Path(spec[len(ckpt_io.RANDOM_PREFIX):] if random_ref else spec)
+    ref = Path(spec[len(sources.RANDOM_PREFIX):] if random_ref else spec)
     folder = ref if ref.is_dir() else ref.parent
     name = args.protocol
     if args.protocol == "semi":
@@ -503,7 +504,7 @@ def run(args) -> dict:
     s = EvaluateSettings.from_args(args)
     device = torch.device(resolve_device(s.device))
     precision = s.precision if s.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    encoder, info = ckpt_io.open_encoder(s.encoder, seed=s.seed)
+    encoder, info = sources.open_encoder(s.encoder, seed=s.seed)
     torch.manual_seed(s.seed)  # the new heads' initialisation
     out = metrics_path(args)
     train_c, test_c, remap = open_labelled(s.train, s.test)

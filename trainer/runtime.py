@@ -1,6 +1,7 @@
 """The plumbing every command of the trainer shares, written once.
 
 - `UsageError` (a bad command line or setting) and `DataError` (data that cannot be used as given),
+  both defined in the torch-free contract.errors (the server reports the same UsageError), and
   `TrainingError` (training that cannot go on); `cli_main` turns them, and `CheckpointError`, into
   one `error: ...` line on stderr and exit status 2.
 - `resolve_device`, `seed_process`: the device type to run on and each process's seed.
@@ -25,17 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from typing_extensions import Self
+
+from contract.errors import DataError, UsageError
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-
-
-class UsageError(ValueError):
-    """A bad command line or setting, reported as one line before any work starts."""
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given (missing, empty, unreadable, unlabelled where labels are needed)."""
 
 
 class TrainingError(RuntimeError):
@@ -137,8 +131,7 @@ class Stop:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def __enter__(self) -> Self:
-        return self.install()
+    __enter__ = install
 
     def __exit__(self, *exc) -> None:
         self.restore()

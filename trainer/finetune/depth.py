@@ -62,14 +62,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
+
 from .. import checkpoint as ckpt_io
 from .. import settings
-from ..checkpoint import ENCODER_SOURCE_HELP
 from ..distributed import Dist, all_reduce, barrier, shutdown
 from ..optim import cosine_scheduler, poly_schedule
-from ..preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
 from ..runtime import UsageError, cli_main, log, open_run
 from ..settings import add_set_flag
+from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
     EpochLoop,
@@ -644,7 +645,7 @@ def draw_depth(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: Dept
 # ============================================================================================
 # Training
 # ============================================================================================
-def open_encoder(cfg: DepthSettings, state: dict | None):
+def open_backbone(cfg: DepthSettings, state: dict | None):
     """The encoder (from its source, or rebuilt for a resumed run whose weights are in the checkpoint)
     and its description, which the run keeps (cfg.backbone)."""
     from ..models import build_encoder
@@ -652,7 +653,7 @@ def open_encoder(cfg: DepthSettings, state: dict | None):
         info = state["config"]["backbone"]
         encoder, _ = build_encoder(info["arch"], info["stem"])
         return encoder, info
-    encoder, raw = ckpt_io.open_encoder(cfg.encoder, cfg.seed)
+    encoder, raw = open_encoder(cfg.encoder, cfg.seed)
     cfg.backbone = {"arch": raw["arch"], "stem": raw["stem"], "embedding_dim": int(raw["embedding_dim"]),
                     "preprocessing": raw["preprocessing"].to_dict(), "fingerprint": raw["fingerprint"],
                     "source": raw.get("source", "byol"), "step": int(raw.get("step", 0))}
@@ -665,7 +666,7 @@ def train(cfg: DepthSettings, out: Path, state: dict | None = None, progress: bo
     dist, device_type = start_processes(cfg)
     device = dist.device
     check_norm_for_device(cfg.norm, dist, device_type)
-    encoder, info = open_encoder(cfg, state)
+    encoder, info = open_backbone(cfg, state)
     pre = Preprocessing.from_dict(info["preprocessing"])
 
     # ---- 3. data, checked before anything trains ----------------------------------------------

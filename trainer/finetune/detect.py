@@ -34,12 +34,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from contract.preprocess import MAX_PIXELS
+
 from .. import checkpoint as ckpt_io
 from .. import settings
-from ..checkpoint import ENCODER_SOURCE_HELP
 from ..distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from ..optim import warmup_multistep
-from ..preprocess import MAX_PIXELS
 from ..pretrain import DeferredMetrics
 from ..runtime import (
     DataError,
@@ -54,6 +54,7 @@ from ..runtime import (
     seed_process,
 )
 from ..settings import add_set_flag
+from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
     check_norm_for_device,
@@ -559,7 +560,7 @@ def _open_data(s: DetectSettings, dist: Dist) -> _Data:
 
 def _build_model(s: DetectSettings, data: _Data, dist: Dist, device_type: str):
     """The detector (trainable_layers and norm resolved by the encoder's kind) -> (model, encoder info)."""
-    encoder, info = ckpt_io.open_encoder(s.encoder, seed=s.seed)
+    encoder, info = open_encoder(s.encoder, seed=s.seed)
     if s.trainable_layers is None:
         s.trainable_layers = default_trainable_layers(info["source"])
     if s.norm is None:

@@ -43,14 +43,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
+
 from .. import checkpoint as ckpt_io
 from .. import settings
-from ..checkpoint import ENCODER_SOURCE_HELP
 from ..distributed import Dist, all_gather_objects, all_reduce, barrier, shutdown
 from ..optim import poly_schedule
-from ..preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
 from ..runtime import UsageError, cli_main, log, open_run
 from ..settings import add_set_flag
+from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     EpochLoop,
     RunState,
@@ -83,7 +84,7 @@ def open_backbone(spec: str | None, seed: int, saved: dict | None = None, dilate
         encoder, _ = build_encoder(saved["arch"], saved["stem"])
         info = saved
     else:
-        encoder, raw = ckpt_io.open_encoder(spec, seed)
+        encoder, raw = open_encoder(spec, seed)
         info = backbone_info(raw)
     return dilate_resnet(encoder, dilate), info
 
