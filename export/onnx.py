@@ -130,7 +130,8 @@ def calibrate_batchnorm(encoder: nn.Module, projector: nn.Module | None, pre: Pr
     At initialisation the running statistics are mean 0, variance 1, so in eval mode nothing is
     normalised and a random ResNet-50's features reach ~200, where float32 rounding alone (PyTorch's
     own, against float64) comes to 8e-5; a ResNet-152's reach 4e8, with a float32 error of 240. The
-    verification's absolute 1e-4 could not hold. Trained encoders' features are of order 1. One forward pass in eval mode sets, layer after layer, each BatchNorm's variance to
+    verification's absolute 1e-4 could not hold. Trained encoders' features are of order 1. One
+    forward pass in eval mode sets, layer after layer, each BatchNorm's variance to
     the mean square of its input (one scalar per layer: per-channel statistics would blow up the
     near-dead channels and make the network ill-conditioned), giving order-1 features whose float32
     error is ~1e-6 like a trained encoder's.

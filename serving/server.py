@@ -605,7 +605,8 @@ died, or a readiness probe failed), 2 bad input.
 Examples:
   python -m serving.server --model runs/c10/model.onnx
   python -m serving.server --model triton_repo --host 0.0.0.0 --instances 2 --max-queue-delay-us 5000
-  python -c "from serving.client import EmbeddingClient; print(EmbeddingClient('grpc://127.0.0.1:8001').embed(['a.jpg']).shape)"
+  python -c "from serving.client import EmbeddingClient; \\
+      print(EmbeddingClient('grpc://127.0.0.1:8001').embed(['a.jpg']).shape)"
 """
 
 

@@ -43,7 +43,7 @@ from .augment import ViewAugmentation, crop_resize_batch
 from .data import BatchPlan, DataError, ImageCollection, SubsetCollection, decode_all, open_collection
 from .knn import embed, knn_accuracy
 from .optim import parameter_groups, warmup_cosine
-from .runtime import UsageError, cli_main, resolve_device
+from .runtime import UsageError, cli_main, log, resolve_device
 from .settings import add_set_flag
 
 PROTOCOLS = ("knn", "linear", "semi", "transfer")
@@ -279,6 +279,8 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
         opt.load_state_dict(state["optimizer"])
         ckpt_io.set_rng_state(state["rng"])
         epoch0 = int(state["epoch"])
+    elif resume and checkpoint is not None:
+        log(None, f"--resume: no checkpoint at {checkpoint} yet, starting from scratch")
     bar = tqdm(total=total, initial=epoch0 * plan.steps_per_epoch, desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
     model.train()
@@ -370,7 +372,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     def long_run_args(sp):
         sp.add_argument("--crop-scale-min", type=float, default=None,
-                        help="smallest random-crop area (default 0.08 as in the paper; 0.2 for images of 96 px or less)")
+                        help="smallest random-crop area (default 0.08 as in the paper; 0.2 for images of 96 px "
+                             "or less)")
         sp.add_argument("--resume", action="store_true", help="continue from the checkpoint an interrupted run left")
         sp.add_argument("--stop-after", type=_positive_int, default=0, metavar="EPOCHS",
                         help="stop (checkpointed) after this many epochs of this invocation; continue with --resume")
@@ -436,11 +439,6 @@ def metrics_path(args) -> Path:
     return folder / "eval" / f"{name}.json"
 
 
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-    tqdm.write(msg, file=sys.stderr)
-
-
 @dataclass
 class EvaluateSettings:
     """The settings of an evaluation (written beside its metrics as <metrics>.config.json; `--set name=value`
@@ -493,7 +491,7 @@ def _decode(s: EvaluateSettings, train_sel, test_c, remap, pre: Preprocessing, p
                        decode_split(train_sel, crop_pre, s.workers, progress, "decoding training images"))
     for split in (train_centre, train_views, test):
         if split is not None and split.skipped:
-            _say(f"skipped {split.skipped} unreadable image(s)")
+            log(None, f"skipped {split.skipped} unreadable image(s)")
     return train_centre, train_views, test
 
 
@@ -532,7 +530,7 @@ def run(args) -> dict:
         write_subset(subset_file, train_c, indices, s.fraction, s.seed, s.train)
         train_sel = SubsetCollection(train_c, indices)
         record.update(fraction=s.fraction, subset_file=str(subset_file))
-        _say(f"labelled subset: {len(indices)} of {len(train_c)} images ({s.fraction:g} of every class) "
+        log(None, f"labelled subset: {len(indices)} of {len(train_c)} images ({s.fraction:g} of every class) "
              f"-> {subset_file}")
 
     # ---- 2. decoding; 3. the protocol -----------------------------------------------------------

@@ -157,6 +157,20 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def finetune_main(argv, parser, kind: str, resolve_settings, train) -> int:
+    """The command line of a dense task: open (or resume) the run in --out, resolve its settings, train,
+    print the one-line JSON summary (main process). Wrapped in runtime.cli_main by each task."""
+    from ..runtime import open_run
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    state = open_run(out, args.resume, kind=kind)
+    summary = train(resolve_settings(args, state["config"] if state else None), out, state,
+                    progress=not args.no_progress)
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
+
+
 def save_run(out: Path, *, model, optimizer, epoch: int, position: int, step: int, config,
              history: list, extra: dict | None = None) -> None:
     """The fine-tuning checkpoint: weights, optimiser, where in which epoch, the run's settings."""
@@ -209,6 +223,23 @@ class RunState:
     step: int = 0
     history: list = field(default_factory=list)
     skipped: int = 0
+
+    @classmethod
+    def start(cls, out: Path, cfg, state: dict | None, model: nn.Module, optimizer, per_process: int,
+              steps_per_epoch: int, dist) -> RunState:
+        """A new run, or the resumed one (its weights, optimiser and RNGs restored); the run directory
+        made, with the run's config.json, before any process goes on."""
+        from ..distributed import barrier
+        from ..runtime import log
+        at = cls()
+        if state is not None:
+            at = cls.restore(state, model, optimizer, per_process, steps_per_epoch)
+            log(dist, f"resumed {out} at epoch {at.epoch + 1}, batch {at.position // per_process + 1}")
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            settings.write_config(out, cfg)
+        barrier(dist)
+        return at
 
     @classmethod
     def restore(cls, state: dict, model: nn.Module, optimizer, per_process: int, steps_per_epoch: int,

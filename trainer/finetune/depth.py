@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -68,7 +67,7 @@ from .. import checkpoint as ckpt_io
 from .. import settings
 from ..distributed import Dist, all_reduce, barrier, shutdown
 from ..optim import cosine_scheduler, poly_schedule
-from ..runtime import UsageError, cli_main, log, open_run
+from ..runtime import UsageError, cli_main, log
 from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
@@ -78,6 +77,7 @@ from .common import (
     add_scale_bar,
     check_norm_for_device,
     colour_map,
+    finetune_main,
     prepare_resnet,
     sample_rng,
     save_run,
@@ -272,7 +272,8 @@ def read_split(path: str | Path) -> dict[str, list[int]]:
         raise UsageError(f"--split {path} is not a readable .mat file ({e})") from None
     missing = [k for k in ("trainNdxs", "testNdxs") if k not in raw]
     if missing:
-        raise UsageError(f"--split {path} has no variable {missing[0]!r} (NYU's splits.mat holds trainNdxs and testNdxs)")
+        raise UsageError(f"--split {path} has no variable {missing[0]!r} "
+                         "(NYU's splits.mat holds trainNdxs and testNdxs)")
     return {"train": [int(v) - 1 for v in np.ravel(raw["trainNdxs"])],
             "val": [int(v) - 1 for v in np.ravel(raw["testNdxs"])]}
 
@@ -617,7 +618,8 @@ def predict(model: nn.Module, photo: torch.Tensor, size, pre: Preprocessing, dev
     return F.interpolate(out[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0, 0].cpu()
 
 
-def draw_depth(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: DepthSettings, device, folder: Path) -> list[Path]:
+def draw_depth(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: DepthSettings, device,
+               folder: Path) -> list[Path]:
     """predictions/NAME.jpg for the first --draw validation images: photo | prediction | ground truth,
     on one colour scale (the ground truth's valid range), with its scale bar; invalid pixels grey."""
     model.eval()
@@ -700,14 +702,7 @@ def train(cfg: DepthSettings, out: Path, state: dict | None = None, progress: bo
     loss_fn = LOSSES[cfg.loss]
 
     # ---- 5. resume, the run directory ---------------------------------------------------------------
-    at = RunState()
-    if state is not None:
-        at = RunState.restore(state, net, optimizer, per_process, steps_per_epoch)
-        log(dist, f"resumed {out} at epoch {at.epoch + 1}, batch {at.position // per_process + 1}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        settings.write_config(out, cfg)
-    barrier(dist)
+    at = RunState.start(out, cfg, state, net, optimizer, per_process, steps_per_epoch, dist)
 
     def save(epoch: int, position: int):
         if dist.is_main:
@@ -873,7 +868,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth-scale", type=float, help=f"16-bit PNG units per metre (default {d.depth_scale:g}: mm)")
     p.add_argument("--min-depth", type=float, help=f"smaller depths are invalid (default {d.min_depth:g} m)")
     p.add_argument("--max-depth", type=float, help=f"larger depths are invalid (default {d.max_depth:g} m, NYU's)")
-    p.add_argument("--decoder", choices=DECODERS, help=f"up-projection (Laina et al.) or light FPN (default {d.decoder})")
+    p.add_argument("--decoder", choices=DECODERS,
+                   help=f"up-projection (Laina et al.) or light FPN (default {d.decoder})")
     p.add_argument("--loss", choices=sorted(LOSSES), help=f"berhu or silog, see below (default {d.loss})")
     p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
@@ -928,14 +924,7 @@ def resolve_settings(args: argparse.Namespace, saved: dict | None) -> DepthSetti
 
 @cli_main(errors=(ImageDecodeError,))
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    state = open_run(out, args.resume, kind="depth")
-    summary = train(resolve_settings(args, state["config"] if state else None), out, state,
-                    progress=not args.no_progress)
-    if summary is not None:
-        print(json.dumps(summary))
-    return 0
+    return finetune_main(argv, get_args_parser(), "depth", resolve_settings, train)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,8 @@ class CocoSet:
                 anns.append(ann)
                 next_id += 1
             for a in crowd:
-                anns.append({**a, "id": next_id, "iscrowd": 1, "area": float(a.get("area", a["bbox"][2] * a["bbox"][3]))})
+                area = float(a.get("area", a["bbox"][2] * a["bbox"][3]))
+                anns.append({**a, "id": next_id, "iscrowd": 1, "area": area})
                 next_id += 1
         return {"images": [{"id": i["id"], "width": i["width"], "height": i["height"]} for i in self.images],
                 "categories": [{"id": c["id"], "name": c["name"]} for c in self.categories], "annotations": anns}

@@ -49,7 +49,7 @@ from .. import checkpoint as ckpt_io
 from .. import settings
 from ..distributed import Dist, all_gather_objects, all_reduce, barrier, shutdown
 from ..optim import poly_schedule
-from ..runtime import UsageError, cli_main, log, open_run
+from ..runtime import UsageError, cli_main, log
 from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
@@ -57,6 +57,7 @@ from .common import (
     RunState,
     add_legend,
     dilate_resnet,
+    finetune_main,
     palette,
     sample_rng,
     save_run,
@@ -416,14 +417,7 @@ def train(cfg: SegmentSettings, out: Path, state: dict | None = None, progress: 
     lr_at = poly_schedule(cfg.lr, cfg.epochs * steps_per_epoch).tolist()
 
     # ---- 5. resume, the run directory ---------------------------------------------------------------
-    at = RunState()
-    if state is not None:
-        at = RunState.restore(state, net, optimizer, per_process, steps_per_epoch)
-        log(dist, f"resumed {out} at epoch {at.epoch + 1}, batch {at.position // per_process + 1}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        settings.write_config(out, cfg)
-    barrier(dist)
+    at = RunState.start(out, cfg, state, net, optimizer, per_process, steps_per_epoch, dist)
 
     def save(epoch: int, position: int):
         if dist.is_main:
@@ -469,7 +463,8 @@ def train(cfg: SegmentSettings, out: Path, state: dict | None = None, progress: 
     stopped = loop.run(at, loss_of, end_epoch, save)
     final = at.history[-1] if at.history and at.history[-1]["epoch"] == cfg.epochs else None
     summary = {"run": str(out), "epochs": at.epoch, "steps": at.step, "stopped": stopped, "world_size": dist.world,
-               **({k: final[k] for k in ("mean_iou", "pixel_accuracy", "classes_scored", "train_loss")} if final else {})}
+               **({k: final[k] for k in ("mean_iou", "pixel_accuracy", "classes_scored", "train_loss")}
+                  if final else {})}
     barrier(dist)
     shutdown(dist)
     return summary if dist.is_main else None
@@ -571,7 +566,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     add_set_flag(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new total)")
+                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new "
+                   "total)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -589,14 +585,7 @@ def resolve_settings(args: argparse.Namespace, saved: dict | None) -> SegmentSet
 
 @cli_main(errors=(ImageDecodeError,))
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    state = open_run(out, args.resume, kind="segment")
-    summary = train(resolve_settings(args, state["config"] if state else None), out, state,
-                    progress=not args.no_progress)
-    if summary is not None:
-        print(json.dumps(summary))
-    return 0
+    return finetune_main(argv, get_args_parser(), "segment", resolve_settings, train)
 
 
 if __name__ == "__main__":
