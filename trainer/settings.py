@@ -102,8 +102,10 @@ def apply_override(settings, assignment: str) -> None:
         if len(parts) != 1:
             raise UsageError(f"--set: unknown setting {path!r}; settings here are plain names like "
                              f"{dataclasses.fields(settings)[0].name}")
-        target, name, where = settings, parts[0], "the settings"
+        target, name, where = settings, parts[0], None
     names = {f.name for f in dataclasses.fields(target)}
+    if name not in names and where is None:
+        raise UsageError(f"--set: no setting {name!r}; the settings are {', '.join(sorted(names))}")
     if name not in names:
         raise UsageError(f"--set: {where} has no setting {name!r}; it has {', '.join(sorted(names))}")
     setattr(target, name, _parse_value(getattr(target, name), raw, path.strip()))
