@@ -4,14 +4,14 @@
     python -m export.onnx --checkpoint runs/c10/checkpoint.pt --out proj.onnx --head projector
     python -m export.onnx --checkpoint random:resnet18:small:32 --out test.onnx
 
-The graph (names from export.contract):
+The graph (names from contract.deployment):
   uint8 input  "images"        [N, H, W, 3] RGB, decoded, resized and centre-cropped by the client
-               (trainer.preprocess steps 1-3); the graph scales to [0, 1], normalises with the
-               encoder's own mean / std (trainer.preprocess.normalize_unit_tensor) and goes to NCHW.
+               (contract.preprocess steps 1-3); the graph scales to [0, 1], normalises with the
+               encoder's own mean / std (contract.preprocess.normalize_unit_tensor) and goes to NCHW.
   float input  "pixel_values"  [N, 3, H, W] float32, already normalised (step 4 done by the client).
   output       "embeddings"    [N, D] float32: the pooled backbone feature (D = 512 for ResNet-18,
                2048 for ResNet-50), or with --head projector the online projector's output.
-N is dynamic. The byolkit metadata (export.contract.METADATA_KEY) holds architecture, embedding
+N is dynamic. The byolkit metadata (contract.deployment.METADATA_KEY) holds architecture, embedding
 size, preprocessing (input size, resize size, mean, std), the weights' fingerprint and version.
 
 Every export is verified before it is moved into place: the ONNX checker, then ONNX Runtime
@@ -93,7 +93,7 @@ class VerificationError(RuntimeError):
     """The exported graph does not compute what PyTorch computes: exit status 1, no file written."""
 
 
-read_metadata = read_onnx_metadata  # (onnx_path) -> dict; cheap, see export.contract
+read_metadata = read_onnx_metadata  # (onnx_path) -> dict; cheap, see contract.deployment
 
 
 # ============================================================================================
@@ -497,7 +497,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                "its BatchNorm scales are calibrated on generated images so that its features have a trained\n"
                f"encoder's scale; architectures: {', '.join(ARCHITECTURES)}; stems: {', '.join(STEMS)}).\n\n"
                "Input uint8 (default): tensor 'images' uint8 [N, H, W, 3], RGB as decoded, resized and\n"
-               "centre-cropped by trainer.preprocess (Preprocessing.__call__); normalised in the graph.\n"
+               "centre-cropped by contract.preprocess (Preprocessing.__call__); normalised in the graph.\n"
                "Input float: tensor 'pixel_values' float32 [N, 3, H, W], normalised by the client.\n"
                "Output: 'embeddings' float32 [N, D]. Read the metadata with export.onnx.read_metadata.\n\n"
                "Exit status: 0 done, 1 verification failed (nothing written), 2 bad input or an int8 model\n"

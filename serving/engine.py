@@ -2,7 +2,7 @@
 
 The Triton model (`serving/triton_model.py`) and `EmbeddingClient` in process both call this
 module, so the server and a script running the ONNX file in process compute embeddings the same
-way: decode with the preprocessing contract (`trainer.preprocess`), feed the graph's own input
+way: decode with the preprocessing contract (`contract.preprocess`), feed the graph's own input
 (uint8 `images` or normalised float `pixel_values`), L2-normalise unless raw output is asked for.
 
 Imports numpy, Pillow and onnxruntime only (no torch).

@@ -40,7 +40,7 @@ class ServedModel:
     input_dims: list[int]      # without the batch dimension
     output_dims: list[int]
     max_batch_size: int
-    info: dict = field(repr=False)  # byolkit metadata (export.contract)
+    info: dict = field(repr=False)  # byolkit metadata (contract.deployment)
     extra_parameters: dict = field(default_factory=dict, repr=False)  # copied from the exported config
     source_config: object = field(default=None, repr=False)  # the exported ModelConfig, if any
 
