@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -212,6 +213,36 @@ def start_processes(s):
     if device_type == "cuda":
         torch.backends.cudnn.benchmark = True
     return dist, device_type
+
+
+@dataclass
+class DenseSettings:
+    """The settings segmentation and depth runs share (each task's dataclass adds its own and sets the
+    defaults); a resume may change only CHANGEABLE_ON_RESUME."""
+    CHANGEABLE_ON_RESUME: ClassVar[tuple] = ("epochs", "workers", "device", "eval_every", "draw")
+    task: str = ""
+    encoder: str | None = None
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    base_size: int = 240
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    draw: int = 4
+    eval_every: int = 1
+    backbone: dict | None = None          # the encoder's description, filled in when the run starts
+
+    def check_ranges(self, positive=("lr",), **lowest) -> None:
+        """Usage errors for settings below their lowest value (`lowest` adds the task's own) or not positive."""
+        lows = {"epochs": 1, "batch_size": 2, "base_size": 16, "workers": 0, "draw": 0, "eval_every": 0, **lowest}
+        for key, low in lows.items():
+            if getattr(self, key) < low:
+                raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be positive")
 
 
 @dataclass

@@ -53,7 +53,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -72,6 +71,7 @@ from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
+    DenseSettings,
     EpochLoop,
     RunState,
     add_scale_bar,
@@ -369,40 +369,50 @@ def augment(photo: Image.Image, depth: np.ndarray, rng: np.random.Generator, bas
     return np.clip(image, 0, 255).round().astype(np.uint8), np.ascontiguousarray(depth, dtype=np.float32)
 
 
-class TrainSet(torch.utils.data.Dataset):
+class _Samples(torch.utils.data.Dataset):
+    def __init__(self, data: DepthData):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def read(self, index):
+        """(photo, depth), or None for a photo that no longer decodes (skipped and counted)."""
+        try:
+            return self.data.read(index)
+        except ImageDecodeError:
+            return None
+
+
+class TrainSet(_Samples):
     """(uint8 [3, h, w], float32 [h, w]) per sample, augmented; None for a photo that no longer decodes."""
 
     def __init__(self, data: DepthData, cfg: DepthSettings):
-        self.data, self.cfg, self.epoch = data, cfg, 0
-
-    def __len__(self):
-        return len(self.data)
+        super().__init__(data)
+        self.cfg, self.epoch = cfg, 0
 
     def __getitem__(self, index):
-        try:
-            photo, depth = self.data.read(index)
-        except ImageDecodeError:
+        sample = self.read(index)
+        if sample is None:
             return None
         c = self.cfg
-        image, depth = augment(photo, depth, sample_rng(c.seed, self.epoch, index), c.base_size,
-                               tuple(c.crop_size), c.max_scale)
+        image, depth = augment(*sample, sample_rng(c.seed, self.epoch, index), c.base_size, tuple(c.crop_size),
+                               c.max_scale)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(depth)
 
 
-class EvalSet(torch.utils.data.Dataset):
+class EvalSet(_Samples):
     """The photo at --base-size (the contract's resize) and the full-resolution depth; None if unreadable."""
 
     def __init__(self, data: DepthData, base_size: int):
-        self.data, self.base = data, base_size
-
-    def __len__(self):
-        return len(self.data)
+        super().__init__(data)
+        self.base = base_size
 
     def __getitem__(self, index):
-        try:
-            photo, depth = self.data.read(index)
-        except ImageDecodeError:
+        sample = self.read(index)
+        if sample is None:
             return None
+        photo, depth = sample
         small = resize_shorter_side(photo, self.base)
         return (torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1), torch.from_numpy(depth), index,
                 torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1))
@@ -777,11 +787,9 @@ PATH_FLAGS = ("train", "val", "split", "data_root")
 
 
 @dataclass
-class DepthSettings:
+class DepthSettings(DenseSettings):
     """Every setting of a depth run (config.json; `--set name=value` reaches each by name)."""
-    CHANGEABLE_ON_RESUME: ClassVar[tuple] = ("epochs", "workers", "device", "eval_every", "draw")
     task: str = "depth"
-    encoder: str | None = None
     train: str | None = None          # absolute paths
     val: str | None = None
     split: str | None = None
@@ -793,24 +801,15 @@ class DepthSettings:
     decoder: str = "upproj"
     loss: str = "berhu"
     epochs: int = 20
-    batch_size: int = 8
     lr: float = 2e-4
-    weight_decay: float = 1e-4
     schedule: str = "poly"
-    base_size: int = 240
     crop_size: list = field(default_factory=lambda: [228, 304])  # H, W (the flag also takes "HxW" or "N")
     max_scale: float = 1.5
     eigen_crop: str = "auto"
     median_scaling: bool = False
     trainable_layers: int = 5
     norm: str = "bn"
-    device: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    draw: int = 4
-    eval_every: int = 1
-    backbone: dict | None = None          # filled in when the run starts
-    eigen_crop_on: bool | None = None
+    eigen_crop_on: bool | None = None     # filled in when the run starts
     train_mean_depth: float | None = None
 
     def normalise(self) -> None:
@@ -828,13 +827,7 @@ class DepthSettings:
                              ("nyu_depth", ("depths", "rawDepths"))):
             if getattr(self, key) not in choices:
                 raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}")
-        for key, low in (("epochs", 1), ("batch_size", 2), ("base_size", 16), ("workers", 0), ("draw", 0),
-                         ("eval_every", 0)):
-            if getattr(self, key) < low:
-                raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
-        for key in ("lr", "depth_scale", "max_depth"):
-            if not getattr(self, key) > 0:
-                raise UsageError(f"--{key.replace('_', '-')} must be positive")
+        self.check_ranges(positive=("lr", "depth_scale", "max_depth"))
         if not 0 <= self.min_depth < self.max_depth:
             raise UsageError("need 0 <= --min-depth < --max-depth")
         if not self.max_scale >= 1:

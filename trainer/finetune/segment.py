@@ -35,7 +35,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +52,7 @@ from ..runtime import UsageError, cli_main, log
 from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
+    DenseSettings,
     EpochLoop,
     RunState,
     add_legend,
@@ -484,11 +484,9 @@ DATA_FLAGS = ("train_images", "train_masks", "val_images", "val_masks")
 
 
 @dataclass
-class SegmentSettings:
+class SegmentSettings(DenseSettings):
     """Every setting of a segmentation run (config.json; `--set name=value` reaches each by name)."""
-    CHANGEABLE_ON_RESUME: ClassVar[tuple] = ("epochs", "workers", "device", "eval_every", "draw")
     task: str = "segment"
-    encoder: str | None = None
     train_images: str | None = None   # absolute paths
     train_masks: str | None = None
     val_images: str | None = None
@@ -498,17 +496,9 @@ class SegmentSettings:
     classes: dict | None = None       # read from the classes file when the run starts
     head: str = "deeplabv3"
     epochs: int = 30
-    batch_size: int = 8
     lr: float = 0.02
-    weight_decay: float = 1e-4
     base_size: int = 520
     crop_size: int = 480
-    device: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    draw: int = 4
-    eval_every: int = 1
-    backbone: dict | None = None      # the encoder's description, filled in when the run starts
 
     def absolute_paths(self) -> None:
         for key in (*DATA_FLAGS, "classes_file"):
@@ -521,12 +511,7 @@ class SegmentSettings:
             raise UsageError(f"missing {', '.join('--' + f.replace('_file', '').replace('_', '-') for f in missing)}")
         if self.head not in HEADS:
             raise UsageError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        for key, low in (("epochs", 1), ("batch_size", 2), ("crop_size", 16), ("base_size", 16), ("workers", 0),
-                         ("draw", 0), ("eval_every", 0)):
-            if getattr(self, key) < low:
-                raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
-        if not self.lr > 0:
-            raise UsageError("--lr must be positive")
+        self.check_ranges(crop_size=16)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
