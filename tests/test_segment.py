@@ -17,6 +17,7 @@ from PIL import Image
 
 from trainer.finetune import segment
 from trainer.models import build_encoder
+from trainer.runtime import open_run
 from trainer.settings import from_dict
 
 # sparse ids on purpose (as COCO panoptic's); 0 is the ignore index and also named in the file
@@ -165,7 +166,7 @@ def test_stop_mid_epoch_resumes_exactly(shapes, tmp_path, monkeypatch):
     summary = segment.train(segment.SegmentSettings(**cfg), tmp_path / "parts", progress=False)
     monkeypatch.undo()
     assert summary["stopped"] and summary["steps"] == 4
-    state = segment.open_run(tmp_path / "parts", resume=True, kind="segment")
+    state = open_run(tmp_path / "parts", resume=True, kind="segment")
     assert state["epoch"] == 0 and state["position"] == 32
     segment.train(from_dict(segment.SegmentSettings, state["config"]), tmp_path / "parts", state, progress=False)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
