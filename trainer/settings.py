@@ -19,7 +19,7 @@ import json
 import typing
 from pathlib import Path
 
-from .runtime import UsageError
+from contract.errors import UsageError
 
 CONFIG_NAME = "config.json"
 
