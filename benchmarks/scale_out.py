@@ -194,6 +194,17 @@ def run_sampled(cmd: list[str]) -> dict:
             "stdout": stdout.strip()}
 
 
+SERVE = """
+import sys, time, json, numpy as np
+from app.faiss_index import SearchIndex
+t = time.perf_counter(); ix = SearchIndex.load(sys.argv[1]); load = time.perf_counter() - t
+q = np.asarray(ix.vectors[::max(1, len(ix) // 100)][:100]); t = time.perf_counter()
+for row in q:
+    ix.search(row[None], 10)
+print(json.dumps({"load_s": round(load, 1), "ms_per_query": round((time.perf_counter() - t) * 10, 2)}))
+"""
+
+
 def bench_ivfpq(args) -> dict:
     work, source = Path(args.work), all_shards(args)
     if not (source / "synthetic.json").is_file() or json.loads((source / "synthetic.json").read_text())["n"] \
@@ -221,6 +232,10 @@ def bench_ivfpq(args) -> dict:
                "files_mb": {k: round(v / 2**20, 1) for k, v in files.items()},
                "params": manifest["index"]["params"], "recall": manifest["index"]["recall"], "summary": r["stdout"]}
         run["faiss_index_mb"] = run["files_mb"].get("index")
+        # serving it: SearchIndex.load (FAISS structure read, vectors mapped, items parsed) and 100 searches
+        s = run_sampled([sys.executable, "-c", SERVE, str(ix)])
+        run["serve"] = {"peak_rss_mb": round(s["peak_rss"] / 2**20, 1), "peak_anon_mb": round(s["peak_anon"] / 2**20, 1),
+                        "peak_file_mb": round(s["peak_file"] / 2**20, 1), **json.loads(s["stdout"])}
         out["runs"].append(run)
         log(json.dumps(run))
         shutil.rmtree(emb, ignore_errors=True)
