@@ -194,6 +194,11 @@ def run_sampled(cmd: list[str]) -> dict:
             "stdout": stdout.strip()}
 
 
+def mib(sampled: dict) -> dict:
+    """run_sampled's peaks in MiB."""
+    return {f"{k}_mb": round(sampled[k] / 2**20, 1) for k in ("peak_rss", "peak_anon", "peak_file")}
+
+
 SERVE = """
 import sys, time, json, numpy as np
 from app.faiss_index import SearchIndex
@@ -234,8 +239,7 @@ def bench_ivfpq(args) -> dict:
         run["faiss_index_mb"] = run["files_mb"].get("index")
         # serving it: SearchIndex.load (FAISS structure read, vectors mapped, items parsed) and 100 searches
         s = run_sampled([sys.executable, "-c", SERVE, str(ix)])
-        run["serve"] = {"peak_rss_mb": round(s["peak_rss"] / 2**20, 1), "peak_anon_mb": round(s["peak_anon"] / 2**20, 1),
-                        "peak_file_mb": round(s["peak_file"] / 2**20, 1), **json.loads(s["stdout"])}
+        run["serve"] = {**mib(s), **json.loads(s["stdout"])}
         out["runs"].append(run)
         log(json.dumps(run))
         shutil.rmtree(emb, ignore_errors=True)
@@ -243,8 +247,7 @@ def bench_ivfpq(args) -> dict:
     out["runs"].sort(key=lambda r: r["n"])
     # what the same process holds before any vector: the command's imports (FAISS, pyarrow, NumPy, ...)
     base = run_sampled([sys.executable, "-c", "import faiss, pyarrow.parquet, app.index, app.shards, app.embed"])
-    out["baseline"] = {"peak_rss_mb": round(base["peak_rss"] / 2**20, 1), "peak_anon_mb": round(base["peak_anon"] / 2**20, 1),
-                       "peak_file_mb": round(base["peak_file"] / 2**20, 1)}
+    out["baseline"] = mib(base)
     return out
 
 
@@ -302,7 +305,8 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    result = {"embed": bench_embed, "shards": bench_shards, "ivfpq": bench_ivfpq, "qdrant": bench_qdrant}[args.part](args)
+    parts = {"embed": bench_embed, "shards": bench_shards, "ivfpq": bench_ivfpq, "qdrant": bench_qdrant}
+    result = parts[args.part](args)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result["command"] = "python benchmarks/scale_out.py " + " ".join(argv or sys.argv[1:])
