@@ -31,7 +31,9 @@ import os
 import re
 import sys
 import tarfile
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +124,13 @@ def _tar_records(tar_path: str):
     """img2dataset's layout: members grouped by key (`000000012.jpg`, `000000012.json`, ...), read as
     a stream. A sample's image is its first member with an image extension; `.cls` is its label."""
     def flush(key, members):
-        image = next(((ext, data) for ext, data in members.items() if "." + ext in IMAGE_EXTENSIONS), None)
-        label = members.get("cls")
+        image = next(((ext, member) for ext, member in members.items() if "." + ext in IMAGE_EXTENSIONS), None)
+        label = members.get("cls", (None, None))[1]
         label = label.decode("utf-8", "replace").strip() if isinstance(label, bytes) else None
         if image is None:
             return None
-        ext, data = image
-        source = f"{tar_path}:{key}.{ext}"
+        _, (name, data) = image
+        source = f"{tar_path}:{name}"  # the member's own name: read back by read_tar_source
         if isinstance(data, str):  # too large: refused before it was read
             return source, label, _refused(data)
         return source, label, (lambda d=data, s=source: _decode_named(d, s))
@@ -155,11 +157,11 @@ def _tar_records(tar_path: str):
                 if not wanted:
                     continue
                 if member.size > MAX_IMAGE_BYTES:
-                    members[ext] = f"{tar_path}:{member.name} is {member.size} bytes, above the limit " \
-                                   f"of {MAX_IMAGE_BYTES}"
+                    members[ext] = member.name, (f"{tar_path}:{member.name} is {member.size} bytes, above the "
+                                                 f"limit of {MAX_IMAGE_BYTES}")
                     continue
                 f = tar.extractfile(member)
-                members[ext] = f.read() if f is not None else b""
+                members[ext] = member.name, f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:  # a truncated shard: what was read counts
         if key is not None:
             record = flush(key, members)
@@ -184,6 +186,41 @@ def _decode_named(data: bytes, name: str):
         return load_rgb(data)
     except ImageDecodeError as e:
         raise ImageDecodeError(str(e).replace("<bytes>", name)) from None
+
+
+_TAR_INDEXES: OrderedDict = OrderedDict()  # (tar path, mtime, size) -> {member name: TarInfo}, the newest last
+_TAR_INDEXES_KEPT = 8
+_TAR_LOCK = threading.Lock()
+
+
+def read_tar_source(source: str) -> bytes:
+    """The bytes of the image at a tar shard's `source` (`/shards/00001.tar:000010000.jpg`, as
+    _tar_records names it) by random access; the member lists of the last few tars are kept, so a
+    page of results from one shard reads its headers once. ImageDecodeError when it cannot."""
+    cut = [i for i, c in enumerate(source) if c == ":" and Path(source[:i]).is_file()]
+    if not cut:
+        raise ImageDecodeError(f"cannot read {source}: no tar shard there")
+    tar_path, name = source[:cut[0]], source[cut[0] + 1:]
+    try:
+        st = os.stat(tar_path)
+        key = (tar_path, st.st_mtime_ns, st.st_size)
+        with tarfile.open(tar_path) as tar:
+            with _TAR_LOCK:
+                members = _TAR_INDEXES.pop(key, None)
+            if members is None:
+                members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            with _TAR_LOCK:
+                _TAR_INDEXES[key] = members
+                while len(_TAR_INDEXES) > _TAR_INDEXES_KEPT:
+                    _TAR_INDEXES.popitem(last=False)
+            info = members.get(name)
+            if info is None:
+                raise ImageDecodeError(f"cannot read {source}: {tar_path} holds no member {name}")
+            if info.size > MAX_IMAGE_BYTES:
+                raise ImageDecodeError(f"{source} is {info.size} bytes, above the limit of {MAX_IMAGE_BYTES}")
+            return tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ImageDecodeError(f"cannot read {source}: {e}") from None
 
 
 def _expand_shards(spec: str) -> list[str]:

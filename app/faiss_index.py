@@ -574,6 +574,8 @@ class SearchIndex:
         source, name = self.image_location(i)
         if source["kind"] == "folder":
             return str(Path(source["path"]) / name)
+        if source["kind"] == "webdataset":  # the name is the tar shard's path and the member's
+            return name
         return f"{source['path']}:{name}" if source["kind"] == "zip" else f"{source['path']}#{name}"
 
     def load_image(self, i: int):
@@ -588,6 +590,9 @@ class SearchIndex:
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 raise ImageDecodeError(f"cannot read {name} from {source['path']}: {e}") from None
             return load_rgb(data)
+        if source["kind"] == "webdataset":
+            from .embed import read_tar_source
+            return load_rgb(read_tar_source(name))
         if source["kind"] == "torchvision":
             from trainer.data import DataError, open_collection
             try:

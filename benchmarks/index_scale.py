@@ -44,10 +44,19 @@ def rss_bytes() -> int:
 def clustered(n: int, dim: int, clusters: int, latent: int, noise: float, seed: int, chunk: int = 100_000):
     """float32 [n, dim], normalised, generated in chunks (the 1M x 512 array is 2 GB; its
     intermediates stay small)."""
+    out = np.empty((n, dim), np.float32)
+    start = 0
+    for x in clustered_blocks(n, dim, clusters, latent, noise, seed, chunk):
+        out[start:start + len(x)] = x
+        start += len(x)
+    return out
+
+
+def clustered_blocks(n: int, dim: int, clusters: int, latent: int, noise: float, seed: int, chunk: int = 100_000):
+    """The vectors of `clustered`, as blocks of `chunk` rows (for collections larger than memory)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim), dtype=np.float32)
     bases = (rng.standard_normal((clusters, latent, dim), dtype=np.float32) / np.sqrt(latent)).astype(np.float32)
-    out = np.empty((n, dim), np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         labels = rng.integers(0, clusters, m)
@@ -55,8 +64,7 @@ def clustered(n: int, dim: int, clusters: int, latent: int, noise: float, seed: 
         x = centres[labels] + np.einsum("nl,nld->nd", z, bases[labels], optimize=True)
         x += noise * rng.standard_normal((m, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[start:start + m] = x
-    return out
+        yield x
 
 
 def latency(index: fi.SearchIndex, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> dict:

@@ -173,6 +173,42 @@ def test_index_from_shards_equals_index_from_folder(tmp_path, capsys, models, im
     assert a.image_path(3) == b.image_path(3) and a.load_image(3).size == b.load_image(3).size
 
 
+@pytest.mark.parametrize("backend", ["faiss", "qdrant"])
+def test_tar_sourced_images_show_in_the_search_gallery(tmp_path, capsys, models, wds_shards, backend):
+    """Images indexed from WebDataset shards are read back from their tars: the page's gallery
+    shows them (not the grey tile of a missing file) and the paths name the tar and member."""
+    from PIL import Image
+
+    from app import ops, ui
+    from app.backend import Backend
+    model, _ = models
+    emb = tmp_path / "emb"
+    assert embed_mod.main(["--images", str(wds_shards), "--out", str(emb), "--model", str(model),
+                           "--no-progress"]) == 0
+    chosen = Backend(backend, qdrant_path=str(tmp_path / "qd") if backend == "qdrant" else None)
+    flags = ["--backend", "qdrant", "--qdrant-path", tmp_path / "qd"] if backend == "qdrant" else []
+    code, _, err = run_cli(index_cli.main, capsys, "build", "--embeddings", emb, "--out", tmp_path / "ix", *flags)
+    assert code == 0, err
+    index = chosen.open(tmp_path / "ix")
+    state = ui.AppState(index, open_encoder(str(model)), k=3, downloads_dir=tmp_path / "app")
+    try:
+        with tarfile.open(wds_shards / "00001.tar") as tar:
+            jpeg = tar.extractfile("000010003.jpg").read()
+        (tmp_path / "q.jpg").write_bytes(jpeg)
+        gallery, status = state.search(str(tmp_path / "q.jpg"))
+        assert "3 nearest of 9 images" in status, status
+        # the best hit is the query itself, read back from its tar pixel for pixel; none is a grey tile
+        original = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(gallery[0][0]), original)
+        assert all(np.asarray(thumb).std() > 1 for thumb, _ in gallery)
+        hit = index.neighbours(ops.embed_one(state.encoder, str(tmp_path / "q.jpg")), 1)[0]
+        assert index.image_path(hit["id"]) == f"{(wds_shards / '00001.tar').resolve()}:000010003.jpg"
+    finally:
+        state.close()
+        if backend == "qdrant":
+            index.client.close()
+
+
 def test_ivfpq_from_shards_matches_the_in_memory_build(tmp_path, capsys):
     """Synthetic vectors in shards: the same IVF-PQ (parameters, tuned breadth, results) as
     SearchIndex.build gives them in memory."""
