@@ -12,7 +12,7 @@ steps, x0.1 at 2/3 and 8/9, all stages trained with synchronised BatchNorm over 
 (torchrun), as in the paper's and MoCo's transfer protocol. Each run is a `python -m trainer.detect`
 (or torchrun) with the same flags; both runs' COCO mAP / AP50 go to --json.
 
---tiny swaps the data for generated shapes (trainer.downstream.write_shapes_coco), the encoder for
+--tiny swaps the data for generated shapes (trainer.synthetic.write_shapes_coco), the encoder for
 an untrained resnet18_w16 file and the schedule for one epoch at 64 px on the CPU: the test suite runs it so
 that this script keeps working where no GPU is around.
 """
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.tiny:
-        from trainer.downstream import write_shapes_coco
+        from trainer.synthetic import write_shapes_coco
         coco = out / "shapes"
         for split, count, seed in (("train2017", 16, 0), ("val2017", 8, 1)):
             images, ann = write_shapes_coco(coco / split, count, 64, seed, masks=False)

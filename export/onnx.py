@@ -279,7 +279,7 @@ def verification_images(pre: Preprocessing, n_random: int = VERIFY_RANDOM, n_pic
     contract's resize and crop, as a client would."""
     from PIL import Image, ImageFilter
 
-    from trainer.demo import SHAPES, draw_shape
+    from trainer.synthetic import SHAPES, draw_shape
 
     rng = np.random.default_rng(seed)
     s = pre.input_size

@@ -20,7 +20,7 @@ import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
-from trainer import depth
+from trainer.finetune import depth
 from trainer.synthetic import write_depth_scenes
 
 SIZE = 48

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import detect
-from trainer.downstream import freeze_batchnorm, prepare_resnet, stage_channels, warmup_multistep, write_shapes_coco
+from trainer.finetune import detect
+from trainer.finetune.common import freeze_batchnorm, prepare_resnet, stage_channels
+from trainer.optim import warmup_multistep
+from trainer.synthetic import write_shapes_coco
 from trainer.models import build_encoder
 
 # A narrow ResNet-18 on 64 px shapes, with anchors scaled down to match: about 30 CPU-seconds for 8 epochs.
@@ -324,7 +326,7 @@ def test_drawing_keeps_confident_boxes_with_readable_labels_and_ground_truth(sha
     import numpy as np
     from PIL import Image
 
-    from trainer.downstream import GROUND_TRUTH_COLOUR, palette
+    from trainer.finetune.common import GROUND_TRUTH_COLOUR, palette
     coco = detect.load_coco(*shapes[1], name="val")
     gt = coco.boxes[0]
     fake = {"boxes": torch.tensor([[4.0, 30.0, 40.0, 60.0], [20.0, 20.0, 50.0, 50.0]]),

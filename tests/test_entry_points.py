@@ -51,7 +51,7 @@ def test_demo_trains_and_reports_knn_before_and_after(tmp_path):
 
 def test_demo_images_are_deterministic(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from trainer.demo import generate
+    from trainer.synthetic import write_shape_classes as generate
     a, b = generate(tmp_path / "a", 2, seed=0), generate(tmp_path / "b", 2, seed=0)
     for f in sorted(a.rglob("*.png")):
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()

@@ -270,7 +270,7 @@ def test_normalisation_statistics_are_made_once_per_device(monkeypatch):
 
 # -- 7: detection reads its losses one interval late ---------------------------------------------------------
 def test_detection_loss_check_reads_the_deferred_record():
-    from trainer.detect import TrainingError, _check_losses
+    from trainer.finetune.detect import TrainingError, _check_losses
     from trainer.pretrain import DeferredMetrics
 
     class Bar:

@@ -15,7 +15,7 @@ import torchvision
 from conftest import REPO_ROOT
 from PIL import Image
 
-from trainer import segment
+from trainer.finetune import segment
 from trainer.models import build_encoder
 
 # sparse ids on purpose (as COCO panoptic's); 0 is the ignore index and also named in the file

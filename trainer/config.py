@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
+from . import settings
 from .preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
@@ -85,25 +85,14 @@ class Config:
     preset: str = ""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return settings.to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            if f.name == "preset":
-                kwargs[f.name] = d[f.name]
-            else:
-                section_cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                               "byol": ByolConfig, "run": RunConfig}[f.name]
-                known = {x.name for x in dataclasses.fields(section_cls)}
-                kwargs[f.name] = section_cls(**{k: v for k, v in d[f.name].items() if k in known})
-        return cls(**kwargs)
+    def from_dict(cls, d: dict) -> Config:
+        return settings.from_dict(cls, d)
 
     def dumps(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return settings.dumps(self)
 
 
 def _imagenet_resnet50() -> Config:
@@ -190,27 +179,4 @@ def preset(name: str) -> Config:
 
 def apply_override(config: Config, assignment: str) -> None:
     """Apply one `section.key=value` override; the value is parsed as JSON when it can be."""
-    if "=" not in assignment:
-        raise ValueError(f"--set expects section.key=value, got {assignment!r}")
-    path, raw = assignment.split("=", 1)
-    parts = path.strip().split(".")
-    if len(parts) != 2 or not hasattr(config, parts[0]) or parts[0] == "preset":
-        raise ValueError(f"--set: unknown setting {path!r}; settings look like optim.base_lr")
-    section = getattr(config, parts[0])
-    names = {f.name for f in dataclasses.fields(section)}
-    if parts[1] not in names:
-        raise ValueError(f"--set: {parts[0]} has no setting {parts[1]!r}; it has {', '.join(sorted(names))}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    current = getattr(section, parts[1])
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"--set {path}: expected true or false, got {raw!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"--set {path}: expected a number, got {raw!r}")
-        value = type(current)(value) if isinstance(current, float) or float(value).is_integer() else value
-    if isinstance(current, str) and not isinstance(value, str):
-        value = raw
-    setattr(section, parts[1], value)
+    settings.apply_override(config, assignment)

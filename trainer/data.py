@@ -21,12 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import ViewAugmentation, crop_resize_pil
 from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb
+from .runtime import DataError  # defined once in trainer.runtime; the app imports it from here
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10")
-
-
-class DataError(ValueError):
-    """A data path that cannot be used (missing, empty, unlabelled where labels are needed)."""
 
 
 class ImageCollection:

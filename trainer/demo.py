@@ -15,51 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
-
-
-def draw_shape(rng: np.random.Generator, shape: str, size: int = 32) -> Image.Image:
-    """One picture: a noisy tinted background with one shape of random colour, scale and place."""
-    tint = rng.uniform(0, 255, 3)
-    background = np.clip(tint + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    color = tuple(int(c) for c in rng.uniform(0, 255, 3))
-    r = rng.uniform(0.22, 0.42) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-    elif shape == "cross":
-        w = r / 3
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
-    elif shape == "ring":
-        draw.ellipse(box, outline=color, width=max(2, int(r / 3)))
-    elif shape == "bar":
-        draw.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=color)
-    return image
-
-
-def generate(root: Path, per_class: int, seed: int) -> Path:
-    """Write root/<shape>/<n>.png unless it is already complete."""
-    marker = root / ".complete"
-    if marker.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    for shape in SHAPES:
-        (root / shape).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            draw_shape(rng, shape).save(root / shape / f"{i:04d}.png")
-    marker.write_text("ok\n")
-    return root
+from .synthetic import SHAPES
+from .synthetic import write_shape_classes as generate
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -43,12 +42,9 @@ from .data import BatchPlan, DataError, ImageCollection, SubsetCollection, decod
 from .knn import embed, knn_accuracy
 from .optim import parameter_groups, warmup_cosine
 from .preprocess import Preprocessing, normalize_unit_tensor
+from .runtime import UsageError, resolve_device
 
 PROTOCOLS = ("knn", "linear", "semi", "transfer")
-
-
-class UsageError(ValueError):
-    """A bad command line or input, reported as one line before any work starts."""
 
 
 # ============================================================================================
@@ -439,14 +435,6 @@ def metrics_path(args) -> Path:
     return folder / "eval" / f"{name}.json"
 
 
-def resolve_device(want: str) -> torch.device:
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
 def _say(msg: str) -> None:
     from tqdm import tqdm
     tqdm.write(msg, file=sys.stderr)
@@ -455,7 +443,7 @@ def _say(msg: str) -> None:
 def run(args) -> dict:
     """Check everything that can be checked cheaply, then decode, then the protocol."""
     # ---- 1. inputs, checked before any work --------------------------------------------------
-    device = resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     encoder, info = ckpt_io.open_encoder(args.encoder, seed=args.seed)
     torch.manual_seed(args.seed)  # the new heads' initialisation

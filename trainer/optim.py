@@ -1,6 +1,6 @@
-"""Optimisers (LARS, SGD, AdamW) and the per-step schedules (LR warmup + cosine, EMA tau)."""
+"""Optimisers (LARS, SGD, AdamW) and every per-step schedule: warmup + cosine (LR, and BYOL's EMA tau), poly
+(segmentation, depth), warmup + multistep (detection)."""
 from __future__ import annotations
-
 
 import numpy as np
 import torch
@@ -76,17 +76,45 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, w
     raise ValueError(f"unknown optimizer {name!r}; choose lars, sgd or adamw")
 
 
-def warmup_cosine(base: float, total_steps: int, warmup_steps: int, final: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warmup from 0 to `base`, then cosine decay to `final`."""
+# ============================================================================================
+# Schedules: per-step values precomputed as arrays (DINO's style), indexed by the optimiser step
+# ============================================================================================
+def cosine_scheduler(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                     inclusive: bool = False) -> np.ndarray:
+    """Linear warmup from base / warmup_steps to `base` over `warmup_steps`, then a cosine from `base`
+    to `final` over the rest: `total_steps` values, or one more (ending exactly at `final`) when
+    `inclusive`. The one cosine of the trainer: LR schedules, BYOL's tau, fine-tuning."""
     warmup_steps = min(warmup_steps, total_steps)
     warm = base * np.arange(1, warmup_steps + 1) / max(1, warmup_steps)
-    k = np.arange(total_steps - warmup_steps)
-    decay_len = max(1, total_steps - warmup_steps)
-    cos = final + (base - final) * 0.5 * (1 + np.cos(np.pi * k / decay_len))
+    decay_len = total_steps - warmup_steps
+    k = np.arange(decay_len + 1 if inclusive else decay_len)
+    cos = final + (base - final) * 0.5 * (1 + np.cos(np.pi * k / max(1, decay_len)))
     return np.concatenate([warm, cos])
+
+
+def warmup_cosine(base: float, total_steps: int, warmup_steps: int, final: float = 0.0) -> np.ndarray:
+    """Per-step LR: linear warmup from 0 to `base`, then cosine decay to `final` (`total_steps` values)."""
+    return cosine_scheduler(base, final, total_steps, warmup_steps)
 
 
 def tau_schedule(tau_base: float, total_steps: int) -> np.ndarray:
     """tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 for k = 0..K (the paper, sec. 3.2)."""
-    k = np.arange(total_steps + 1)
-    return 1 - (1 - tau_base) * (np.cos(np.pi * k / max(1, total_steps)) + 1) / 2
+    return cosine_scheduler(tau_base, 1.0, total_steps, inclusive=True)
+
+
+def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> np.ndarray:
+    """torchvision reference's poly decay, lr * (1 - step / total) ** 0.9, for steps 0..total."""
+    return base_lr * (1 - np.arange(total_steps + 1) / total_steps) ** power
+
+
+def warmup_multistep(base_lr: float, total_steps: int, warmup_steps: int,
+                     milestones=(2 / 3, 8 / 9), gamma: float = 0.1, warmup_factor: float = 1e-3) -> np.ndarray:
+    """Per-step LR of the detection references: linear warmup, then x0.1 at 2/3 and 8/9 of training."""
+    steps = np.arange(total_steps + 1, dtype=np.float64)
+    lr = np.full_like(steps, base_lr)
+    for m in milestones:
+        lr[steps >= int(m * total_steps)] *= gamma
+    if warmup_steps > 0:
+        ramp = warmup_factor + (1 - warmup_factor) * np.minimum(steps / warmup_steps, 1.0)
+        lr *= ramp
+    return lr

@@ -6,13 +6,17 @@ plane in perspective (the tiles shrink and crowd with distance), towards a textu
 shaded boxes and balls standing on the ground (their contact point and apparent size give their
 distance). Depth is the true z-distance along the optical axis, in metres, at each pixel centre.
 
-(Shapes on noise with COCO boxes and masks for detection live in trainer.downstream.write_shapes_coco.)
+`write_shapes_coco` draws solid shapes on noise with their COCO boxes and polygon masks (detection
+and instance segmentation); `draw_shape` / `write_shape_classes` draw one of six shapes per picture
+in class folders (trainer.demo's data, and export.onnx's check images).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def _cast(size: int, cam: dict, objects: list[dict], offsets: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,3 +139,110 @@ def write_nyu_like_mat(path: Path, count: int, size: int = 64, seed: int = 0, tr
         f["trainNdxs"] = np.arange(1, train + 1)[None]
         f["testNdxs"] = np.arange(train + 1, count + 1)[None]
     return path, splits
+
+
+# ============================================================================================
+# Shapes in class folders (trainer.demo)
+# ============================================================================================
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
+
+
+def draw_shape(rng: np.random.Generator, shape: str, size: int = 32) -> Image.Image:
+    """One picture: a noisy tinted background with one shape of random colour, scale and place."""
+    tint = rng.uniform(0, 255, 3)
+    background = np.clip(tint + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(background)
+    draw = ImageDraw.Draw(image)
+    color = tuple(int(c) for c in rng.uniform(0, 255, 3))
+    r = rng.uniform(0.22, 0.42) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+    elif shape == "ring":
+        draw.ellipse(box, outline=color, width=max(2, int(r / 3)))
+    elif shape == "bar":
+        draw.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=color)
+    return image
+
+
+def write_shape_classes(root: Path, per_class: int, seed: int) -> Path:
+    """Write root/<shape>/<n>.png (`per_class` pictures of each shape) unless it is already complete."""
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for shape in SHAPES:
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_shape(rng, shape).save(root / shape / f"{i:04d}.png")
+    marker.write_text("ok\n")
+    return root
+
+
+# ============================================================================================
+# Shapes on noise with COCO boxes and instance masks (detection tests, benchmarks --tiny)
+# ============================================================================================
+SHAPE_CLASSES = ("square", "disk", "triangle")
+
+
+def write_shapes_coco(folder: Path, count: int, size: int = 64, seed: int = 0, masks: bool = True,
+                      max_objects: int = 3) -> tuple[Path, Path]:
+    """Write `count` noisy size x size photos with 1-`max_objects` solid shapes each, and their COCO
+    instances JSON (boxes, and polygon masks when `masks`). Returns (images folder, annotation file).
+
+    Each class has its own shape and colour, so a detector can separate them after a short run;
+    category ids start at 3 and skip one, as real COCO files do not number 1..K.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    img_dir = folder / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    colours = ((230, 40, 40), (40, 200, 60), (50, 80, 240))
+    cat_ids = [3 + 2 * k for k in range(len(SHAPE_CLASSES))]
+    images, anns = [], []
+    for i in range(count):
+        noise = rng.normal(110, 35, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(noise)
+        draw = ImageDraw.Draw(image)
+        taken = []
+        for _ in range(int(rng.integers(1, max_objects + 1))):
+            for _attempt in range(20):  # shapes do not overlap, so boxes and masks stay exact
+                s = int(rng.integers(size // 5, size // 2.5))
+                x, y = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
+                if all(x + s <= a or a + b <= x or y + s <= c or c + b <= y for a, c, b in taken):
+                    break
+            else:
+                continue
+            taken.append((x, y, s))
+            k = int(rng.integers(len(SHAPE_CLASSES)))
+            if SHAPE_CLASSES[k] == "square":
+                poly = [x, y, x + s, y, x + s, y + s, x, y + s]
+            elif SHAPE_CLASSES[k] == "triangle":
+                poly = [x + s / 2, y, x + s, y + s, x, y + s]
+            else:  # a 16-gon: a disk whose polygon is exactly what is drawn
+                t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+                poly = np.stack([x + s / 2 + s / 2 * np.cos(t), y + s / 2 + s / 2 * np.sin(t)], 1).ravel().tolist()
+            draw.polygon(poly, fill=colours[k])
+            xs, ys = poly[0::2], poly[1::2]
+            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": cat_ids[k], "bbox": box,
+                   "area": box[2] * box[3], "iscrowd": 0}
+            if masks:
+                ann["segmentation"] = [[float(v) for v in poly]]
+            anns.append(ann)
+        name = f"{i:05d}.png"
+        image.save(img_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    ann_path = folder / "instances.json"
+    ann_path.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, SHAPE_CLASSES)]}))
+    return img_dir, ann_path

@@ -1,10 +1,10 @@
 """What detection, segmentation and depth fine-tuning share: the ResNet backbone built from an
-encoder source (norm layers, trainable stages, strides turned into dilations), the per-step
-schedules, the deterministic epoch order and per-sample randomness that make a resume exact, the
-run checkpoint, atomic JSON, and drawing predictions (boxes with readable labels, side-by-side
-panels, a legend, a colour scale bar).
+encoder source (norm layers, trainable stages, strides turned into dilations), the deterministic
+epoch order and per-sample randomness that make a resume exact, the run checkpoint, atomic JSON,
+and drawing predictions (boxes with readable labels, side-by-side panels, a legend, a colour scale
+bar). Schedules are in trainer.optim, errors, devices and the resume rule in trainer.runtime.
 
-Kept small on purpose: each task's script (trainer.detect, trainer.segment, trainer.depth) owns its
+Kept small on purpose: each task's module (trainer.finetune.detect, .segment, .depth) owns its
 data, model head, metrics and loop, in the style of torchvision's references.
 """
 from __future__ import annotations
@@ -18,23 +18,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import checkpoint as ckpt_io
+from .. import checkpoint as ckpt_io
+from ..runtime import UsageError
 
 NORM_CHOICES = ("frozen", "sync", "bn")
 # torchvision's convention for --trainable-layers: the last N of these are trained, the rest frozen
 STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
-
-
-class UsageError(ValueError):
-    """A bad command line or input, reported as one line before any work starts."""
-
-
-def resolve_device(want: str) -> str:
-    """--device auto|cpu|cuda -> the device type to run on; cuda without a GPU is a usage error."""
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return device_type
 
 
 # ============================================================================================
@@ -148,31 +137,8 @@ def default_norm(source_kind: str) -> str:
 
 
 # ============================================================================================
-# Schedule, epoch order, resume
+# Epoch order, resume
 # ============================================================================================
-def warmup_multistep(base_lr: float, total_steps: int, warmup_steps: int,
-                     milestones=(2 / 3, 8 / 9), gamma: float = 0.1, warmup_factor: float = 1e-3) -> np.ndarray:
-    """Per-step LR of the detection references: linear warmup, then x0.1 at 2/3 and 8/9 of training."""
-    steps = np.arange(total_steps + 1, dtype=np.float64)
-    lr = np.full_like(steps, base_lr)
-    for m in milestones:
-        lr[steps >= int(m * total_steps)] *= gamma
-    if warmup_steps > 0:
-        ramp = warmup_factor + (1 - warmup_factor) * np.minimum(steps / warmup_steps, 1.0)
-        lr *= ramp
-    return lr
-
-
-def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> list[float]:
-    """torchvision reference's poly decay, lr * (1 - step / total) ** 0.9, precomputed per step."""
-    return [base_lr * (1 - s / total_steps) ** power for s in range(total_steps + 1)]
-
-
-def cosine_schedule(base_lr: float, total_steps: int) -> list[float]:
-    """Cosine decay from base_lr to 0 over the run, precomputed per step."""
-    return [base_lr * 0.5 * (1 + math.cos(math.pi * s / total_steps)) for s in range(total_steps + 1)]
-
-
 def epoch_indices(sampler, epoch: int, start: int = 0) -> list[int]:
     """This process's sample order for `epoch` (a DistributedSampler's), from position `start`:
     a resumed run continues inside the epoch at the batch where it stopped."""
@@ -370,64 +336,3 @@ def add_scale_bar(image: Image.Image, low: float, high: float, unit: str = "m", 
         draw.text((min(max(0, x - w / 2), canvas.width - w), top + bar_h + 4), text, fill="black", font=font)
     draw.text((right + 6, top + (bar_h - font.size) // 2), unit, fill="black", font=font)
     return canvas
-
-
-# ============================================================================================
-# Generated data: shapes on noise, with COCO boxes and instance masks (tests, demos, --tiny runs)
-# ============================================================================================
-SHAPE_CLASSES = ("square", "disk", "triangle")
-
-
-def write_shapes_coco(folder: Path, count: int, size: int = 64, seed: int = 0, masks: bool = True,
-                      max_objects: int = 3) -> tuple[Path, Path]:
-    """Write `count` noisy size x size photos with 1-`max_objects` solid shapes each, and their COCO
-    instances JSON (boxes, and polygon masks when `masks`). Returns (images folder, annotation file).
-
-    Each class has its own shape and colour, so a detector can separate them after a short run;
-    category ids start at 3 and skip one, as real COCO files do not number 1..K.
-    """
-    from PIL import ImageDraw
-    rng = np.random.default_rng(seed)
-    folder = Path(folder)
-    img_dir = folder / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    colours = ((230, 40, 40), (40, 200, 60), (50, 80, 240))
-    cat_ids = [3 + 2 * k for k in range(len(SHAPE_CLASSES))]
-    images, anns = [], []
-    for i in range(count):
-        noise = rng.normal(110, 35, (size, size, 3)).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(noise)
-        draw = ImageDraw.Draw(image)
-        taken = []
-        for _ in range(int(rng.integers(1, max_objects + 1))):
-            for _attempt in range(20):  # shapes do not overlap, so boxes and masks stay exact
-                s = int(rng.integers(size // 5, size // 2.5))
-                x, y = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
-                if all(x + s <= a or a + b <= x or y + s <= c or c + b <= y for a, c, b in taken):
-                    break
-            else:
-                continue
-            taken.append((x, y, s))
-            k = int(rng.integers(len(SHAPE_CLASSES)))
-            if SHAPE_CLASSES[k] == "square":
-                poly = [x, y, x + s, y, x + s, y + s, x, y + s]
-            elif SHAPE_CLASSES[k] == "triangle":
-                poly = [x + s / 2, y, x + s, y + s, x, y + s]
-            else:  # a 16-gon: a disk whose polygon is exactly what is drawn
-                t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-                poly = np.stack([x + s / 2 + s / 2 * np.cos(t), y + s / 2 + s / 2 * np.sin(t)], 1).ravel().tolist()
-            draw.polygon(poly, fill=colours[k])
-            xs, ys = poly[0::2], poly[1::2]
-            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
-            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": cat_ids[k], "bbox": box,
-                   "area": box[2] * box[3], "iscrowd": 0}
-            if masks:
-                ann["segmentation"] = [[float(v) for v in poly]]
-            anns.append(ann)
-        name = f"{i:05d}.png"
-        image.save(img_dir / name)
-        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-    ann_path = folder / "instances.json"
-    ann_path.write_text(json.dumps({"images": images, "annotations": anns,
-                                    "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, SHAPE_CLASSES)]}))
-    return img_dir, ann_path

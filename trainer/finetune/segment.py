@@ -1,0 +1,649 @@
+"""Semantic segmentation on a BYOL encoder: a torchvision FCN or DeepLabV3 head, fine-tuned end to end.
+
+    python -m trainer.segment --encoder runs/quick --classes data/classes.json \\
+        --train-images data/images/train --train-masks data/masks/train \\
+        --val-images data/images/val --val-masks data/masks/val --out runs/seg
+    torchrun --nproc_per_node 4 -m trainer.segment ...   # DDP, SyncBatchNorm on GPUs
+    python -m trainer.segment --out runs/seg --resume     # a killed run continues where it stopped
+
+Data: photos, and for each a single-channel PNG mask with the same file stem whose pixels are class
+ids from the classes file (a JSON {"ignore_index": 0, "classes": {"1": "person", ...}} or a JSON
+list of names, ids = positions); pixels equal to the ignore index count for nothing. Photos without
+a mask are skipped and counted. Everything is checked before training starts.
+
+The encoder is made dilated as torchvision does for segmentation (the strides of layer3 and layer4
+become dilations: output stride 8 with the ImageNet stem, 2 with the small stem) and keeps its
+weights. Training follows torchvision's segmentation reference: random resize of the shorter side
+to 0.5-2x --base-size, random crop, horizontal flip, SGD with momentum and a poly learning rate
+decayed per step. Evaluation resizes the photo's shorter side to --base-size, upsamples the logits
+to the mask's own size and accumulates a confusion matrix there.
+
+Metrics: pixel accuracy = correct / labelled pixels; IoU(c) = TP / (TP + FP + FN); mean IoU is the
+mean over the classes that occur in the validation ground truth or predictions (a class absent from
+both has no defined IoU and is left out, reported as null).
+
+RUN/ receives checkpoint.pt (atomic, every epoch and when stopped by SIGINT/SIGTERM: --resume is
+exact), metrics.json (atomic, after every evaluation), predictions/*.jpg (prediction | ground
+truth, coloured masks over the photo) and a one-line JSON summary on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .. import checkpoint as ckpt_io
+from ..distributed import Dist, all_gather_objects, all_reduce, all_reduce_mean, barrier, init_distributed, shutdown
+from .common import (
+    add_legend,
+    dilate_resnet,
+    epoch_indices,
+    open_run,
+    palette,
+    sample_rng,
+    save_run,
+    side_by_side,
+    write_json,
+)
+from ..optim import poly_schedule
+from ..runtime import UsageError, resolve_device
+from ..preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
+from ..pretrain import Stop, log
+
+
+# ============================================================================================
+# The backbone, checkpoint/resume skeleton and drawing of this task (the parts shared with
+# detection live in trainer.finetune.common)
+# ============================================================================================
+def backbone_info(info: dict) -> dict:
+    """What a run must remember to rebuild its backbone without the encoder source (JSON-able)."""
+    return {"arch": info["arch"], "stem": info["stem"], "embedding_dim": int(info["embedding_dim"]),
+            "preprocessing": info["preprocessing"].to_dict(), "fingerprint": info["fingerprint"],
+            "source": info.get("source", "byol"), "step": int(info.get("step", 0))}
+
+
+def open_backbone(spec: str | None, seed: int, saved: dict | None = None, dilate=(False, True, True)):
+    """An encoder source (or a resumed run's saved backbone_info) -> (dilated ResNet, backbone_info)."""
+    from ..models import build_encoder
+    if saved is not None:  # resume: the weights come from the checkpoint
+        encoder, _ = build_encoder(saved["arch"], saved["stem"])
+        info = saved
+    else:
+        encoder, raw = ckpt_io.open_encoder(spec, seed)
+        info = backbone_info(raw)
+    return dilate_resnet(encoder, dilate), info
+
+
+# ============================================================================================
+# Classes and data
+# ============================================================================================
+IGNORE = -1  # the ignore label inside training (class ids are mapped to 0..C-1)
+
+
+class Classes:
+    """The classes file: dataset class ids (possibly sparse, e.g. COCO panoptic) -> training indices."""
+
+    def __init__(self, ids: list[int], names: list[str], ignore_index: int | None):
+        self.ids, self.names, self.ignore_index = ids, names, ignore_index
+        size = max([*ids, ignore_index if ignore_index is not None else 0]) + 2  # the last entry: unknown
+        self.lut = np.full(max(size, 257), -2, dtype=np.int64)  # -2: not a known id
+        self.lut[ids] = np.arange(len(ids))
+        if ignore_index is not None:
+            self.lut[ignore_index] = IGNORE
+
+    def __len__(self):
+        return len(self.ids)
+
+    @classmethod
+    def load(cls, path: str | Path, ignore_index: int | None = None) -> Classes:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as e:
+            raise UsageError(f"cannot read the classes file {path}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"the classes file {path} is not valid JSON ({e})") from None
+        file_ignore = None
+        if isinstance(raw, dict):
+            file_ignore, table = raw.get("ignore_index"), raw.get("classes")
+            if isinstance(table, list):
+                table = dict(enumerate(table))
+            if not isinstance(table, dict):
+                raise UsageError(f"{path}: expected {{\"classes\": {{id: name, ...}}, \"ignore_index\": N}} "
+                                 "or a list of names")
+        elif isinstance(raw, list):
+            table = dict(enumerate(raw))
+        else:
+            raise UsageError(f"{path}: expected a JSON object or a list of class names")
+        try:
+            pairs = sorted((int(k), str(v)) for k, v in table.items())
+        except ValueError:
+            raise UsageError(f"{path}: class ids must be integers") from None
+        ignore = ignore_index if ignore_index is not None else (int(file_ignore) if file_ignore is not None else None)
+        if any(i < 0 or i > 65535 for i, _ in pairs) or (ignore is not None and not 0 <= ignore <= 65535):
+            raise UsageError(f"{path}: class ids and the ignore index must be within 0-65535")
+        pairs = [(i, n) for i, n in pairs if i != ignore]  # e.g. "0": "unlabeled" when 0 is ignored
+        if len(pairs) < 2:
+            raise UsageError(f"{path} names {len(pairs)} class(es) besides the ignore index; need at least 2")
+        return cls([i for i, _ in pairs], [n for _, n in pairs], ignore)
+
+    def to_dict(self) -> dict:
+        return {"ids": self.ids, "names": self.names, "ignore_index": self.ignore_index}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Classes:
+        return cls(list(d["ids"]), list(d["names"]), d["ignore_index"])
+
+    def map(self, raw: np.ndarray) -> np.ndarray:
+        """Mask of class ids -> training indices (IGNORE for the ignore index), int64."""
+        return self.lut[np.minimum(raw, len(self.lut) - 1)]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A single-channel PNG -> integer array [H, W] of class ids (8- or 16-bit; palette PNGs by index)."""
+    try:
+        with Image.open(path) as m:
+            if m.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise UsageError(f"mask {path} is a {m.mode} image; masks must be single-channel "
+                                 "(grey-level or palette PNG of class ids)")
+            return np.asarray(m).astype(np.int64)
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"mask {path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def displayed_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a photo as load_rgb returns it: EXIF rotations by 90 degrees swap the sides."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def scan_pairs(images: str | Path, masks: str | Path, classes: Classes, split: str,
+               progress: bool = False) -> tuple[list[tuple[Path, Path]], int]:
+    """Pair every mask with its photo and check them all before any training.
+
+    Returns ([(photo, mask), ...] sorted by name, number of photos without a mask). Raises UsageError
+    for: a missing folder, a mask naming a missing photo, a mask whose size differs from its photo,
+    class ids the classes file lacks, or no pairs at all.
+    """
+    images, masks = Path(images), Path(masks)
+    for flag, folder in ((f"--{split}-images", images), (f"--{split}-masks", masks)):
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {folder} is not a folder")
+    photos = {}
+    for p in sorted(images.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            photos.setdefault(p.stem, p)
+    mask_files = sorted(p for p in masks.iterdir() if p.is_file() and p.suffix.lower() == ".png"
+                        and not p.name.startswith("."))
+    if not mask_files:
+        raise UsageError(f"no masks (.png) in {masks}")
+    orphans = [m.name for m in mask_files if m.stem not in photos]
+    if orphans:
+        raise UsageError(f"{len(orphans)} mask(s) in {masks} name no photo in {images}: "
+                         f"{', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}")
+    from tqdm import tqdm
+    pairs, bad_size, bad_ids = [], [], []
+    for m in tqdm(mask_files, desc=f"checking {split} masks", unit="mask", disable=not progress, leave=False):
+        photo = photos[m.stem]
+        raw = read_mask(m)
+        size = displayed_size(photo)
+        if (raw.shape[1], raw.shape[0]) != size:
+            bad_size.append(f"{m.name} is {raw.shape[1]}x{raw.shape[0]}, {photo.name} is {size[0]}x{size[1]}")
+        unknown = sorted(set(np.unique(raw).tolist()) - set(classes.ids) - {classes.ignore_index})
+        if unknown:
+            bad_ids.append(f"{m.name}: {unknown[:8]}")
+        pairs.append((photo, m))
+    if bad_size:
+        raise UsageError(f"{len(bad_size)} mask(s) differ in size from their photo: {'; '.join(bad_size[:3])}")
+    if bad_ids:
+        raise UsageError(f"{len(bad_ids)} mask(s) in {masks} hold class ids that the classes file does not "
+                         f"name (ignore index: {classes.ignore_index}): {'; '.join(bad_ids[:3])}")
+    return pairs, len(photos) - len(pairs)
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Random resize (shorter side 0.5-2x base), pad, random crop, flip; the mask follows (nearest).
+    Returns (uint8 [3, crop, crop], int64 [crop, crop] training indices)."""
+
+    def __init__(self, pairs, classes: Classes, base_size: int, crop_size: int, seed: int):
+        self.pairs, self.classes, self.base, self.crop, self.seed = pairs, classes, base_size, crop_size, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        photo_path, mask_path = self.pairs[index]
+        rng = sample_rng(self.seed, self.epoch, index)
+        photo = load_rgb(photo_path)
+        mask = Image.fromarray(read_mask(mask_path).astype(np.int32))  # mode "I": any id survives resizing
+        short = int(rng.integers(int(0.5 * self.base), int(2.0 * self.base) + 1))
+        w, h = photo.size
+        scale = short / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        photo = np.asarray(photo.resize(size, Image.BILINEAR))
+        target = self.classes.map(np.asarray(mask.resize(size, Image.NEAREST)))
+        # pad to the crop size (black photo, ignored mask), then crop
+        ph, pw = max(self.crop - size[1], 0), max(self.crop - size[0], 0)
+        if ph or pw:
+            photo = np.pad(photo, ((0, ph), (0, pw), (0, 0)))
+            target = np.pad(target, ((0, ph), (0, pw)), constant_values=IGNORE)
+        top = int(rng.integers(0, photo.shape[0] - self.crop + 1))
+        left = int(rng.integers(0, photo.shape[1] - self.crop + 1))
+        photo = photo[top:top + self.crop, left:left + self.crop]
+        target = target[top:top + self.crop, left:left + self.crop]
+        if rng.random() < 0.5:
+            photo, target = photo[:, ::-1], target[:, ::-1]
+        return (torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1),
+                torch.from_numpy(np.ascontiguousarray(target)))
+
+
+class EvalSet(torch.utils.data.Dataset):
+    """The photo with its shorter side at base size, and the full-resolution mask (training indices)."""
+
+    def __init__(self, pairs, classes: Classes, base_size: int):
+        self.pairs, self.classes, self.base = pairs, classes, base_size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        photo_path, mask_path = self.pairs[index]
+        photo = load_rgb(photo_path)
+        photo = resize_shorter_side(photo, self.base)  # the contract's resize step, at --base-size
+        target = self.classes.map(read_mask(mask_path))
+        return torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1), torch.from_numpy(target), index
+
+
+# ============================================================================================
+# Model and metrics
+# ============================================================================================
+HEADS = ("deeplabv3", "fcn")
+
+
+def build_model(backbone: nn.Module, info: dict, head: str, num_classes: int) -> nn.Module:
+    """torchvision's DeepLabV3 or FCN around the (dilated) encoder's layer4; output = input size."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+    features = IntermediateLayerGetter(backbone, return_layers={"layer4": "out"})
+    channels = info["embedding_dim"]  # layer4's output is the embedding
+    if head == "deeplabv3":
+        return DeepLabV3(features, DeepLabHead(channels, num_classes))
+    return FCN(features, FCNHead(channels, num_classes))
+
+
+def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C, C] int64 counts, rows = ground truth, columns = prediction; ignored pixels (< 0) left out."""
+    valid = target >= 0
+    idx = target[valid] * num_classes + pred[valid]
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(confusion: torch.Tensor, names: list[str]) -> dict:
+    """Pixel accuracy, per-class IoU and mean IoU (over classes present in ground truth or prediction)."""
+    c = confusion.double()
+    tp, gt, pred = c.diag(), c.sum(1), c.sum(0)
+    union = gt + pred - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    total = c.sum().item()
+    return {"pixel_accuracy": (tp.sum().item() / total) if total else float("nan"),
+            "mean_iou": iou[present].mean().item() if present.any() else float("nan"),
+            "classes_scored": int(present.sum()),
+            "labelled_pixels": int(total),
+            "iou": {n: (None if math.isnan(v) else round(v, 6)) for n, v in zip(names, iou.tolist())}}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, num_classes: int, device, dist: Dist,
+             keep: int = 0, workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Confusion matrix over this process's share of the images, summed over processes; and the
+    predictions (class indices at mask size) of the first `keep` images, for drawing."""
+    from tqdm import tqdm
+    model.eval()
+    # counted on the device: no host synchronisation per image (only the drawn ones come back)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    kept = {}
+    share = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world))  # each image once
+    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    for photo, target, index in tqdm(loader, desc="evaluating", unit="img", disable=not progress, leave=False):
+        x = pre.normalize_tensor(photo[None].to(device, non_blocking=True))
+        target = target.to(device, non_blocking=True)
+        logits = model(x)["out"]
+        logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0]
+        confusion += confusion_matrix(target, pred, num_classes)
+        if int(index) < keep:
+            kept[int(index)] = pred.cpu()
+    confusion = all_reduce(confusion, dist).cpu()  # the process's device: NCCL refuses CPU tensors
+    model.train()
+    return confusion, kept
+
+
+def draw_predictions(out_dir: Path, dataset: EvalSet, predictions: dict, classes: Classes, alpha: float = 0.55):
+    """predictions/<stem>.jpg: predicted mask | ground truth, coloured over the photo, with a legend."""
+    from torchvision.utils import draw_segmentation_masks
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def overlay(photo, labels, colours):
+        present = [c for c in labels.unique().tolist() if c >= 0]
+        if not present:
+            return photo
+        masks = torch.stack([labels == c for c in present])
+        return draw_segmentation_masks(photo, masks, alpha=alpha, colors=[colours[c] for c in present])
+
+    written = []
+    for index, pred in sorted(predictions.items()):
+        photo_path, mask_path = dataset.pairs[index]
+        photo = torch.from_numpy(np.asarray(load_rgb(photo_path)).copy()).permute(2, 0, 1)
+        target = torch.from_numpy(classes.map(read_mask(mask_path)))
+        # colours spread over the classes in this picture only: with 100+ classes a global palette
+        # would give neighbouring regions near-identical hues
+        present = sorted(set(pred.unique().tolist()) | {c for c in target.unique().tolist() if c >= 0})
+        colours = dict(zip(present, palette(len(present))))
+        image = side_by_side(overlay(photo, pred, colours), overlay(photo, target, colours))
+        image = add_legend(image, [(classes.names[c], colours[c]) for c in present])
+        path = out_dir / f"{photo_path.stem}.jpg"
+        ckpt_io.atomic_write(path, lambda tmp, image=image: image.save(tmp, "JPEG", quality=88))
+        written.append(path)
+    return written
+
+
+# ============================================================================================
+# Training
+# ============================================================================================
+def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True) -> dict | None:
+    """Fine-tune and evaluate; returns the summary in the main process (None in the others)."""
+    # ---- 1. processes, device, seeds ------------------------------------------------------------
+    device_type = resolve_device(cfg["device"])
+    dist = init_distributed(device_type)
+    device = dist.device
+    if cfg["batch_size"] % dist.world or cfg["batch_size"] // dist.world < 2:
+        raise UsageError(f"--batch-size {cfg['batch_size']} must split evenly over {dist.world} process(es), "
+                         "at least 2 images each (BatchNorm)")
+    torch.manual_seed(cfg["seed"])  # the head starts the same in every process
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ---- 2. backbone (a bad encoder source fails before the data scan) -----------------------------
+    backbone, info = open_backbone(cfg.get("encoder"), cfg["seed"], saved=state and state["config"]["backbone"])
+    cfg["backbone"] = info
+    pre = Preprocessing.from_dict(info["preprocessing"])
+
+    # ---- 3. classes and data, checked before anything trains --------------------------------------
+    classes = Classes.from_dict(cfg["classes"])
+    train_pairs, train_unmasked = scan_pairs(cfg["train_images"], cfg["train_masks"], classes, "train",
+                                             progress and dist.is_main)
+    val_pairs, val_unmasked = scan_pairs(cfg["val_images"], cfg["val_masks"], classes, "val",
+                                         progress and dist.is_main)
+    if train_unmasked or val_unmasked:
+        log(dist, f"skipped photos without a mask: {train_unmasked} train, {val_unmasked} val")
+    steps_per_epoch = len(train_pairs) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train_pairs)} training pair(s) do not fill one batch of {cfg['batch_size']}; "
+                         "lower --batch-size")
+    train_set = TrainSet(train_pairs, classes, cfg["base_size"], cfg["crop_size"], cfg["seed"])
+    val_set = EvalSet(val_pairs, classes, cfg["base_size"])
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank,
+                                                  shuffle=True, seed=cfg["seed"], drop_last=True)
+    per_process = cfg["batch_size"] // dist.world
+
+    # ---- 4. network ----------------------------------------------------------------------------
+    model = build_model(backbone, info, cfg["head"], len(classes))
+    if dist.enabled and device_type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    net = model
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device_type == "cuda" else None)
+
+    # ---- 5. optimiser and schedule (precomputed per step) ---------------------------------------
+    params = [{"params": [p for p in net.backbone.parameters() if p.requires_grad]},
+              {"params": [p for p in net.classifier.parameters() if p.requires_grad]}]
+    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    total_steps = cfg["epochs"] * steps_per_epoch
+    lr_at = poly_schedule(cfg["lr"], total_steps).tolist()
+
+    # ---- 6. resume ------------------------------------------------------------------------------
+    epoch, position, history = 0, 0, []
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.set_rng_state(state["rng"])
+        epoch, position, history = int(state["epoch"]), int(state["position"]), list(state["history"])
+        log(dist, f"resumed {out} at epoch {epoch + 1}, batch {position // per_process + 1}")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(dist)
+    step = epoch * steps_per_epoch + position // per_process
+
+    def save(epoch_: int, position_: int):
+        if dist.is_main:
+            save_run(out, model=net, optimizer=optimizer, epoch=epoch_, position=position_,
+                     step=epoch_ * steps_per_epoch + position_ // per_process, config=cfg, history=history)
+
+    def write_metrics(final: dict | None = None):
+        if dist.is_main:
+            write_json(out / "metrics.json", {
+                "task": "segment", "encoder": cfg.get("encoder"), "backbone": info, "head": cfg["head"],
+                "classes": classes.names, "ignore_index": classes.ignore_index,
+                "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+                "skipped_without_mask": {"train": train_unmasked, "val": val_unmasked},
+                "mean_iou_note": "mean over classes present in val ground truth or predictions",
+                "history": history, "final": final})
+
+    # ---- 7. the training loop --------------------------------------------------------------------
+    from tqdm import tqdm
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = Stop()
+    stop.install()
+    bar = tqdm(total=total_steps, initial=step, desc="segment", unit="step", disable=not (progress and dist.is_main),
+               dynamic_ncols=True)
+    loss_value = float("nan")
+    trained_before = history[-1]["train_seconds"] if history else 0.0  # resumed: time already spent
+    t_start, eval_seconds = time.perf_counter(), 0.0
+    model.train()
+    while epoch < cfg["epochs"] and not stop.requested:
+        train_set.epoch = epoch
+        order = epoch_indices(sampler, epoch, position)
+        # the loader's own generator: creating it must not draw from the global RNG (dropout's), or a
+        # run resumed mid-epoch would drift from the uninterrupted one
+        loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, sampler=order, drop_last=True,
+                                             num_workers=cfg["workers"], pin_memory=device_type == "cuda",
+                                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
+        loss_sum = torch.zeros((), device=device)
+        batches = 0
+        for photos, targets in loader:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at[step]
+            x = pre.normalize_tensor(photos.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            logits = model(x)["out"]
+            valid = (targets >= 0).sum().clamp(min=1)
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / valid
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            batches += 1
+            step += 1
+            position += per_process
+            bar.update(1)
+            if step % 5 == 0 or batches == len(loader):
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_at[step - 1]:.3g}", epoch=epoch + 1)
+            if stop.requested:
+                break
+        if stop.requested:
+            save(epoch, position)
+            log(dist, f"\nstopped in epoch {epoch + 1} at step {step}; checkpoint written, continue with --resume")
+            break
+        epoch, position = epoch + 1, 0
+        mean_loss = all_reduce_mean(loss_sum / max(batches, 1), dist).item()
+        record = {"epoch": epoch, "step": step, "lr": lr_at[step - 1], "train_loss": mean_loss,
+                  "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds}
+        last = epoch == cfg["epochs"]
+        if last or (cfg["eval_every"] and epoch % cfg["eval_every"] == 0):
+            t_eval = time.perf_counter()
+            confusion, kept = evaluate(net, val_set, pre, len(classes), device, dist,
+                                       keep=cfg["draw"] if last else 0, workers=cfg["workers"],
+                                       progress=progress and dist.is_main)
+            record.update(segmentation_scores(confusion, classes.names))
+            if last and cfg["draw"]:
+                kept = _gather_kept(kept, dist)  # each image was scored by one process
+                if dist.is_main:
+                    draw_predictions(out / "predictions", val_set, kept, classes)
+            eval_seconds += time.perf_counter() - t_eval
+            record["eval_seconds"] = time.perf_counter() - t_eval
+            log(dist, f"epoch {epoch}: loss {record['train_loss']:.4f}, mIoU {record['mean_iou']:.4f}, "
+                      f"pixel accuracy {record['pixel_accuracy']:.4f}")
+        history.append(record)
+        save(epoch, 0)
+        write_metrics(history[-1] if last else None)
+    bar.close()
+    for sig, handler in handlers.items():  # a caller's own handlers again (tests, notebooks)
+        signal.signal(sig, handler)
+
+    final = history[-1] if history and history[-1]["epoch"] == cfg["epochs"] else None
+    summary = {"run": str(out), "epochs": epoch, "steps": step, "stopped": bool(stop.requested),
+               "world_size": dist.world,
+               **({k: final[k] for k in ("mean_iou", "pixel_accuracy", "classes_scored", "train_loss")} if final else {})}
+    barrier(dist)
+    shutdown(dist)
+    return summary if dist.is_main else None
+
+
+def _gather_kept(kept: dict, dist: Dist) -> dict:
+    merged = {}
+    for part in all_gather_objects(kept, dist):
+        merged.update(part)
+    return merged
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+DEFAULTS = {"head": "deeplabv3", "epochs": 30, "batch_size": 8, "lr": 0.02, "weight_decay": 1e-4,
+            "base_size": 520, "crop_size": 480, "device": "auto", "workers": 2, "seed": 0, "draw": 4,
+            "eval_every": 1}
+DATA_FLAGS = ("train_images", "train_masks", "val_images", "val_masks")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.segment", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a BYOL encoder for semantic segmentation (torchvision FCN or DeepLabV3 head) "
+                    "and evaluate it by mean IoU and pixel accuracy.",
+        epilog="Masks: single-channel PNGs named like their photo (photo.jpg -> photo.png) holding class ids.\n"
+               "Classes file: JSON {\"ignore_index\": 0, \"classes\": {\"1\": \"person\", ...}} or [\"name\", ...].\n"
+               "Mean IoU: over the classes present in the validation ground truth or predictions.\n"
+               "RUN/: checkpoint.pt, metrics.json, predictions/*.jpg (prediction | ground truth).\n"
+               "Several GPUs: torchrun --nproc_per_node N -m trainer.segment ...")
+    p.add_argument("--encoder", help=f"backbone: {ckpt_io.ENCODER_SOURCE_HELP}")
+    p.add_argument("--train-images", help="folder of training photos")
+    p.add_argument("--train-masks", help="folder of training masks (photos without one are skipped)")
+    p.add_argument("--val-images", help="folder of validation photos")
+    p.add_argument("--val-masks", help="folder of validation masks")
+    p.add_argument("--classes", help="classes file (JSON), see below")
+    p.add_argument("--out", required=True, help="run directory (new, unless --resume)")
+    p.add_argument("--ignore-index", type=int, help="mask value that counts for nothing "
+                   "(default: the classes file's ignore_index, else none)")
+    p.add_argument("--head", choices=HEADS, help=f"segmentation head (default {DEFAULTS['head']})")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--batch-size", type=int, help=f"global batch size (default {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, decayed by poly(0.9) per step (default {DEFAULTS['lr']})")
+    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {DEFAULTS['weight_decay']})")
+    p.add_argument("--base-size", type=int, help="shorter side for evaluation; training resizes it to 0.5-2x "
+                   f"this (default {DEFAULTS['base_size']})")
+    p.add_argument("--crop-size", type=int, help=f"square training crop (default {DEFAULTS['crop_size']})")
+    p.add_argument("--eval-every", type=int, help="evaluate every N epochs, 0 = only after the last "
+                   f"(default {DEFAULTS['eval_every']})")
+    p.add_argument("--draw", type=int, help="validation images drawn into RUN/predictions after the last epoch "
+                   f"(default {DEFAULTS['draw']})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {DEFAULTS['workers']})")
+    p.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
+                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new total)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_config(args, saved: dict | None) -> dict:
+    """A new run: defaults + flags. A resumed run: its own settings; only --epochs, --workers,
+    --device, --eval-every and --draw may change."""
+    if saved is not None:
+        cfg = dict(saved)
+        for flag in ("epochs", "workers", "device", "eval_every", "draw"):
+            if getattr(args, flag) is not None:
+                cfg[flag] = getattr(args, flag)
+        fixed = [f for f in ("encoder", "head", "batch_size", "lr", "crop_size", "base_size", "seed", "weight_decay")
+                 if getattr(args, f) is not None and getattr(args, f) != saved[f]]
+        fixed += [f for f in (*DATA_FLAGS, "classes")
+                  if getattr(args, f) is not None and str(Path(getattr(args, f)).resolve()) != saved[_file_key(f)]]
+        if args.ignore_index is not None and args.ignore_index != saved["classes"]["ignore_index"]:
+            fixed.append("ignore_index")
+        if fixed:
+            raise UsageError(f"cannot change {', '.join('--' + f.replace('_', '-') for f in fixed)} of a resumed run")
+        return cfg
+    missing = [f for f in ("encoder", "classes", *DATA_FLAGS) if getattr(args, f) is None]
+    if missing:
+        raise UsageError(f"missing {', '.join('--' + f.replace('_', '-') for f in missing)}")
+    cfg = {"task": "segment", "encoder": args.encoder}
+    for key, default in DEFAULTS.items():
+        value = getattr(args, key)
+        cfg[key] = default if value is None else value
+    for f in DATA_FLAGS:
+        cfg[f] = str(Path(getattr(args, f)).resolve())
+    cfg["classes"] = Classes.load(args.classes, args.ignore_index).to_dict()
+    cfg["classes_file"] = str(Path(args.classes).resolve())
+    checks = [("epochs", 1), ("batch_size", 2), ("crop_size", 16), ("base_size", 16), ("workers", 0), ("draw", 0),
+              ("eval_every", 0)]
+    for key, low in checks:
+        if cfg[key] < low:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
+    if not cfg["lr"] > 0:
+        raise UsageError("--lr must be positive")
+    return cfg
+
+
+def _file_key(flag: str) -> str:
+    return "classes_file" if flag == "classes" else flag
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        state = open_run(out, "segment", args.resume)
+        cfg = resolve_config(args, state["config"] if state else None)
+        summary = train(cfg, out, state, progress=not args.no_progress)
+    except (UsageError, ckpt_io.CheckpointError, ImageDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
