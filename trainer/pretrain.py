@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 import types
@@ -30,7 +29,6 @@ from .augment import BatchAugment, byol_views
 from .config import PRESETS, Config, apply_override, preset
 from .data import (
     BatchPlan,
-    DataError,
     ImageCollection,
     decode_all,
     fill_batch,
@@ -44,20 +42,10 @@ from .distributed import Dist, all_reduce, all_reduce_mean, barrier, init_distri
 from .knn import embed, knn_accuracy
 from .models import BYOL, build_encoder
 from .optim import build_optimizer, parameter_groups, tau_schedule, warmup_cosine
+from .runtime import DataError, Stop, UsageError, cli_main, log, open_run, progress_bar, resolve_device, seed_process
+from .settings import write_config
 
 MEMORY_PIPELINE_MAX_BYTES = 4 << 30  # decode into RAM when the uint8 images fit in 4 GiB
-
-
-class UsageError(ValueError):
-    """A bad command line or input, reported as one line before any work starts."""
-
-
-def resolve_device(want: str) -> str:
-    """auto -> cuda where available, else cpu; cuda asked for without one is a UsageError."""
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return device_type
 
 
 # ============================================================================================
@@ -311,34 +299,11 @@ class Feed:
 # ============================================================================================
 # Training
 # ============================================================================================
-class Stop:
-    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def log(dist: Dist, msg: str) -> None:
-    """A message on stderr from the main process, printed above the progress bar."""
-    if dist.is_main:
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stderr)
-
-
 def start_process(cfg: Config) -> Dist:
     """This process's device (and torchrun's process group), checked settings, seed, fast CUDA kernels."""
     dist = init_distributed(resolve_device(cfg.run.device))
     validate(cfg, dist)
-    torch.manual_seed(cfg.run.seed + dist.rank)  # each process augments differently
+    seed_process(cfg.run.seed, dist.rank)  # each process augments differently
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -361,7 +326,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     budget = TimeBudget(cfg.optim.time_budget_s, start_step, first_step=first)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
+        write_config(out, cfg)
     barrier(dist)
     knn = None
     if val_data and dist.is_main:  # the monitor runs in the main process only; the others never decode for it
@@ -370,57 +335,56 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     checkpoints = CheckpointClock(cfg.run.checkpoint_every, cfg.run.checkpoint_every_s)
     logger = RunLogger(out, cfg, dist, total_steps, start_step, progress)
     extra = {"data": str(data), "val_data": val_data}
-    stop = Stop()
-    stop.install()
     feed.start(p.views, start_step, total_steps)
     profiler = _profiler(profile_dir, dist.device.type) if profile_dir and dist.is_main else None
     loss = projection = None
     p.byol.train()
     budget.start()
-    step = start_step
-    while step < total_steps:
-        t_data = time.perf_counter()
-        raw, weight = feed.batch(step)
-        logger.window["data"] += time.perf_counter() - t_data
-        if raw is not None:  # Python floats: numpy scalars break weights_only loading
-            loss, projection = train_step(p, raw, float(lr_at[step]), float(tau_at[step + 1]), weight)
-            logger.window["steps"] += 1
-        if profiler:
-            profiler.step()
+    with Stop() as stop:  # SIGINT/SIGTERM: checkpoint and stop; the handlers before come back after
+        step = start_step
+        while step < total_steps:
+            t_data = time.perf_counter()
+            raw, weight = feed.batch(step)
+            logger.window["data"] += time.perf_counter() - t_data
+            if raw is not None:  # Python floats: numpy scalars break weights_only loading
+                loss, projection = train_step(p, raw, float(lr_at[step]), float(tau_at[step + 1]), weight)
+                logger.window["steps"] += 1
+            if profiler:
+                profiler.step()
 
-        done = step + 1
-        # -- a time budget fixes the step count once the speed is known (early in warmup,
-        #    where the schedules do not yet depend on it)
-        new_total = budget.after_step(done, total_steps, dist)
-        if new_total != total_steps:
-            total_steps = new_total
-            lr_at, tau_at = p.schedules(total_steps, feed.plan.steps_per_epoch)
-            cfg.optim.max_steps = total_steps  # what a resume continues with
-            if dist.is_main:
-                ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
-                logger.bar.total = total_steps
-                log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
+            done = step + 1
+            # -- a time budget fixes the step count once the speed is known (early in warmup,
+            #    where the schedules do not yet depend on it)
+            new_total = budget.after_step(done, total_steps, dist)
+            if new_total != total_steps:
+                total_steps = new_total
+                lr_at, tau_at = p.schedules(total_steps, feed.plan.steps_per_epoch)
+                cfg.optim.max_steps = total_steps  # what a resume continues with
+                if dist.is_main:
+                    write_config(out, cfg)
+                    logger.bar.total = total_steps
+                    log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
 
-        if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
-            logger.step(done, done / feed.plan.steps_per_epoch, seconds_before + budget.elapsed(),
-                        float(lr_at[step]), float(tau_at[done]), feed.skipped, loss, projection)
-        logger.advance()
-        if stop_after_steps and done - start_step >= stop_after_steps and done < total_steps:
-            stop.requested = True
-        if checkpoints.due(done) or done == total_steps or stop.requested:
-            with logger.excluded() as t:  # the log window's images/s is training speed: saves left out
-                save(out, p, done, dist, {**extra, "train_seconds": seconds_before + budget.elapsed()})
-            checkpoints.saved(t.seconds)
-        epoch = done // feed.plan.steps_per_epoch
-        if knn and done % feed.plan.steps_per_epoch == 0 and cfg.run.knn_every and epoch % cfg.run.knn_every == 0 \
-                and done != total_steps:
-            with budget.paused():  # evaluation time is not training time
-                scores = {f"knn_{k}": v for k, v in knn.run(p.byol.encoder).items()}
-            logger.write({"step": done, "train_seconds": seconds_before + budget.elapsed(), **scores})
-        step = done
-        if stop.requested:
-            log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
-            break
+            if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
+                logger.step(done, done / feed.plan.steps_per_epoch, seconds_before + budget.elapsed(),
+                            float(lr_at[step]), float(tau_at[done]), feed.skipped, loss, projection)
+            logger.advance()
+            if stop_after_steps and done - start_step >= stop_after_steps and done < total_steps:
+                stop.requested = True
+            if checkpoints.due(done) or done == total_steps or stop.requested:
+                with logger.excluded() as t:  # the log window's images/s is training speed: saves left out
+                    save(out, p, done, dist, {**extra, "train_seconds": seconds_before + budget.elapsed()})
+                checkpoints.saved(t.seconds)
+            epoch = done // feed.plan.steps_per_epoch
+            if knn and done % feed.plan.steps_per_epoch == 0 and cfg.run.knn_every and epoch % cfg.run.knn_every == 0 \
+                    and done != total_steps:
+                with budget.paused():  # evaluation time is not training time
+                    scores = {f"knn_{k}": v for k, v in knn.run(p.byol.encoder).items()}
+                logger.write({"step": done, "train_seconds": seconds_before + budget.elapsed(), **scores})
+            step = done
+            if stop.requested:
+                log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
+                break
     logger.flush()
     logger.bar.close()
     if profiler:
@@ -450,7 +414,7 @@ def restore(p: Pretraining, state: dict, out: Path, dist: Dist, total_steps: int
     p.optimizer.load_state_dict(state["optimizer"])
     ckpt_io.set_rng_state(state["rng"])
     if dist.rank:  # the checkpoint holds rank 0's generator; the others must differ from it
-        torch.manual_seed(cfg.run.seed + dist.rank + 7919 * int(state["step"]))
+        seed_process(cfg.run.seed, dist.rank, int(state["step"]))
     start_step, seconds_before = int(state["step"]), float(state.get("train_seconds", 0.0))
     if cfg.optim.schedule_start == start_step:
         log(dist, f"extending {out} from step {start_step} ({seconds_before:.0f}s trained): the LR and tau "
@@ -482,7 +446,7 @@ class RunLogger:
         self.cfg, self.dist = cfg, dist
         self.file = open(out / "metrics.jsonl", "a") if dist.is_main else None  # noqa: SIM115 - close()
         self.writer = _tensorboard(out) if dist.is_main else None
-        self.bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
+        self.bar = progress_bar(total_steps, start_step, progress and dist.is_main, desc="BYOL")
         self.window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0}
         self.pending = DeferredMetrics()
         self.last_loss = float("nan")
@@ -720,11 +684,6 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _progress_bar(total: int, start: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="BYOL", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
 def _profiler(out_dir: str, device_type: str):
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
@@ -752,19 +711,14 @@ def run(out: str | Path, data: str | None = None, *, preset: str | None = None, 
     if unknown:
         raise UsageError(f"unknown setting(s) {', '.join(sorted(unknown))}; use overrides for "
                          f"section.key=value settings")
-    state = None
     if extend and not (out / ckpt_io.CHECKPOINT_NAME).is_file():
         raise UsageError(f"--extend: no run to extend in {out} (no {ckpt_io.CHECKPOINT_NAME})")
     if extend and not (settings.get("time_budget") or settings.get("max_steps")):
         raise UsageError("--extend needs --time-budget or --max-steps: how much longer to train")
-    if (resume or extend) and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-        state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
+    state = open_run(out, resume or extend)
+    if state is not None:
         data = data or state.get("data")  # the run remembers its data
         val_data = val_data or state.get("val_data")
-    elif resume:
-        print(f"--resume: no checkpoint in {out} yet, starting from scratch", file=sys.stderr)
-    elif (out / ckpt_io.CHECKPOINT_NAME).exists():
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     cfg = resolve_config(preset, overrides, settings, state["config"] if state else None)
     if extend:  # the budget and the step count given are on top of what the run has done
         cfg.optim.schedule_start = int(state["step"])
@@ -779,16 +733,12 @@ def run(out: str | Path, data: str | None = None, *, preset: str | None = None, 
                  progress=progress, profile_dir=profile_dir, stop_after_steps=stop_after_steps)
 
 
+@cli_main(errors=(ValueError,))
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        summary = run(args.out, args.data, preset=args.preset, overrides=args.set, val_data=args.val_data,
-                      resume=args.resume, extend=args.extend, progress=not args.no_progress,
-                      profile_dir=args.profile, stop_after_steps=args.stop_after_steps,
-                      **{flag: getattr(args, flag) for flag in FLAG_TO_SETTING})
-    except (UsageError, DataError, ckpt_io.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run(args.out, args.data, preset=args.preset, overrides=args.set, val_data=args.val_data,
+                  resume=args.resume, extend=args.extend, progress=not args.no_progress, profile_dir=args.profile,
+                  stop_after_steps=args.stop_after_steps, **{flag: getattr(args, flag) for flag in FLAG_TO_SETTING})
     print(json.dumps(summary))
     return 0
 
