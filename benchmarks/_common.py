@@ -4,7 +4,7 @@ the real commands, and the BYOL-against-random-initialisation comparison of the 
 A script imports it from its own folder, which puts the repository root on sys.path:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import ROOT, machine  # noqa: E402
+    from _common import ROOT, machine
 """
 from __future__ import annotations
 
@@ -115,3 +115,29 @@ def smooth_jpegs(root: Path, count: int, size: int) -> Path:
         base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"{i:05d}.jpg", quality=90)
     return root
+
+
+def run_transfer(args, setup: Callable[[Path], tuple[list[str], str, list[str]]], compare: Callable, metrics,
+                 ) -> int:
+    """The main of a GPU transfer benchmark (gpu_depth, gpu_segment): `setup(scratch)` gives the data
+    flags, the encoder and the schedule (generated data with --tiny); `compare(encoder, data_flags,
+    schedule, out)` runs the BYOL/random pair under args.out (default: in the scratch folder); the
+    result goes to args.json."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "runs"
+        data_flags, encoder, schedule = setup(Path(tmp))
+        started = now()
+        runs = compare(encoder, data_flags, schedule, out)
+    result = {"date": started, "machine": machine(), "tiny": args.tiny,
+              "settings": {k: str(v) for k, v in vars(args).items()}}
+    return report_transfer(args.json, result, runs, metrics, shown=("date", "tiny", "byol_minus_random"))
+
+
+def onnxruntime_info() -> dict:
+    """ONNX Runtime's version and providers and the CPU's int8 instructions (for machine(**...))."""
+    import onnxruntime as ort
+
+    from export.quantize import int8_instructions
+    return {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+            "int8_instructions": int8_instructions()}
