@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from . import settings
 from .preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .runtime import UsageError
 
 
 @dataclass
@@ -173,7 +174,7 @@ PRESETS = {"imagenet-resnet50": _imagenet_resnet50, "cifar10-resnet18": _cifar10
 
 def preset(name: str) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
