@@ -26,6 +26,7 @@ WORKDIR /src
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
         "torch>=2.3,<2.15" "torchvision>=0.18,<0.30"
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY trainer ./trainer
 COPY export ./export
 COPY serving ./serving
@@ -48,6 +49,7 @@ RUN python3.10 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY trainer ./trainer
 COPY export ./export
 COPY serving ./serving

@@ -14,8 +14,8 @@ import argparse
 import re
 import sys
 
-from export.contract import DEFAULT_MODEL_NAME
-from trainer.preprocess import MAX_PIXELS
+from contract.deployment import DEFAULT_MODEL_NAME
+from contract.preprocess import MAX_PIXELS
 
 from . import MAX_UPLOAD_BYTES, CommandParser
 

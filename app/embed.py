@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import DEFAULT_MODEL_NAME
+from contract.deployment import DEFAULT_MODEL_NAME
+from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from trainer.data import DataError, FolderCollection, ZipCollection, open_collection
-from trainer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 
 from . import CommandParser
 

@@ -3,7 +3,7 @@
 The encoder is serving.client.EmbeddingClient, over an ONNX file in process or a byolkit server
 (gRPC or HTTP). Image collections are trainer.data's: a folder (sub-folders name classes), a zip
 archive of one, or a torchvision data set name. Each image is decoded and brought to the model's
-input size here by the preprocessing contract (trainer.preprocess) in a few threads, and sent
+input size here by the preprocessing contract (contract.preprocess) in a few threads, and sent
 in batches; unreadable images are skipped and counted.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import DEFAULT_MODEL_NAME
-from trainer.preprocess import ImageDecodeError
+from contract.deployment import DEFAULT_MODEL_NAME
+from contract.preprocess import ImageDecodeError
 
 
 class EncoderError(ValueError):

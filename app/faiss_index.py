@@ -578,7 +578,7 @@ class SearchIndex:
 
     def load_image(self, i: int):
         """The indexed image `i` as an RGB PIL image (raises ImageDecodeError when it is gone)."""
-        from trainer.preprocess import ImageDecodeError, load_rgb
+        from contract.preprocess import ImageDecodeError, load_rgb
         source, name = self.image_location(i)
         if source["kind"] == "zip":
             import zipfile

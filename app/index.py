@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from export.contract import DEFAULT_MODEL_NAME
+from contract.deployment import DEFAULT_MODEL_NAME
 
 from . import CommandParser
 from .backend import Backend

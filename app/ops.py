@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, load_rgb
 from trainer.data import DataError, open_collection
-from trainer.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, load_rgb
 
 from .embedding import Encoder, EncoderError, embed_collection, source_of
 from .faiss_index import (

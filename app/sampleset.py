@@ -79,7 +79,7 @@ def shrink(path: Path, size: int = SIZE, quality: int = QUALITY) -> bytes:
     """A photo with its shorter side at `size` px (never enlarged), as JPEG bytes."""
     from PIL import Image
 
-    from trainer.preprocess import resize_shorter_side
+    from contract.preprocess import resize_shorter_side
     with Image.open(path) as im:
         image = im.convert("RGB")
     if min(image.size) > size:

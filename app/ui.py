@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, load_rgb
+from contract.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, load_rgb
 
 from . import MAX_UPLOAD_BYTES
 from .embedding import Encoder

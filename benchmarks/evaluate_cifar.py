@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: F401 - puts the repository root on sys.path
+
 from trainer import checkpoint as ckpt_io
+from trainer import sources
 from trainer.evaluate import (
     Classifier,
     Schedule,
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     t_start = time.perf_counter()
 
-    _, ref_info = ckpt_io.open_encoder(args.encoder)
+    _, ref_info = sources.open_encoder(args.encoder)
     pre = ref_info["preprocessing"]
     train_c, test_c, remap = open_labelled(args.train, args.test)
     num_classes = num_classes_of(train_c)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
                "semi_schedule": semi_sched.to_dict(), "crop_scale_min": args.crop_scale_min,
                "decode_seconds": round(decode_s, 1), "torch_threads": torch.get_num_threads(), "rows": {}}
     for name, spec in (("BYOL", args.encoder), ("random init", f"random:{args.encoder}")):
-        encoder, info = ckpt_io.open_encoder(spec, seed=args.seed)
+        encoder, info = sources.open_encoder(spec, seed=args.seed)
         encoder = encoder.to(memory_format=torch.channels_last)
         row = {"fingerprint": info["fingerprint"]}
         t0 = time.perf_counter()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, onnxruntime_info, write_json  # puts the repository root on sys.path
 
 import export.onnx as xo
-from export.contract import INPUT_FLOAT, INPUT_UINT8, OUTPUT
+from contract.deployment import INPUT_FLOAT, INPUT_UINT8, OUTPUT
 from serving.engine import require_providers
 
 
@@ -97,7 +97,7 @@ def calibration_folder(workdir: Path, size: int, count: int = 96) -> Path:
     """Generated picture-like images (export.onnx's verification pictures) for calibrating random encoders."""
     from PIL import Image
 
-    from trainer.preprocess import Preprocessing
+    from contract.preprocess import Preprocessing
     folder = workdir / "calibration"
     if not folder.is_dir():
         folder.mkdir()

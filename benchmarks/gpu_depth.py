@@ -29,8 +29,9 @@ from depth_scenes import METRICS, compare
 
 
 def tiny_data(root: Path) -> tuple[list[str], str]:
-    from trainer.checkpoint import default_preprocessing, save_encoder
+    from trainer.checkpoint import save_encoder
     from trainer.models import build_encoder
+    from trainer.sources import default_preprocessing
     from trainer.synthetic import write_nyu_like_mat
     mat, splits = write_nyu_like_mat(root / "nyu.mat", 12, 48, seed=0, train=8)
     encoder, dim = build_encoder("resnet18_w16", "imagenet")

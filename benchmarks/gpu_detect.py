@@ -61,8 +61,9 @@ def main(argv=None) -> int:
             images.replace(coco / "images" / split)
             ann.replace(coco / "annotations" / f"instances_{split}.json")
         # a saved (untrained) encoder file, so that both the file and the random:PATH routes run
-        from trainer.checkpoint import default_preprocessing, save_encoder
+        from trainer.checkpoint import save_encoder
         from trainer.models import build_encoder
+        from trainer.sources import default_preprocessing
         net, dim = build_encoder("resnet18_w16")
         encoder = str(out / "tiny_encoder.safetensors")
         save_encoder(Path(encoder), net, arch="resnet18_w16", stem="imagenet", embedding_dim=dim,

@@ -375,8 +375,9 @@ def onnx_parity_child(run: str, data: str, out: str) -> int:
 
     from export.onnx import export_onnx
     from serving.engine import OnnxEncoder
-    from trainer.checkpoint import load_encoder, open_encoder, save_encoder
+    from trainer.checkpoint import load_encoder, save_encoder
     from trainer.data import open_collection
+    from trainer.sources import open_encoder
     if run.startswith("random:"):  # no trained encoder at hand: a random one of the same shape
         encoder, info = open_encoder(run)
         run = str(Path(out).parent / "encoder.safetensors")

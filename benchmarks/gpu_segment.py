@@ -51,8 +51,9 @@ def make_shapes(root: Path, count: int, seed: int, size=(64, 56)) -> list[str]:
 
 
 def tiny_data(root: Path) -> tuple[list[str], str]:
-    from trainer.checkpoint import default_preprocessing, save_encoder
+    from trainer.checkpoint import save_encoder
     from trainer.models import build_encoder
+    from trainer.sources import default_preprocessing
     train, val = make_shapes(root / "train", 16, 1), make_shapes(root / "val", 4, 2)
     classes = root / "classes.json"
     classes.write_text(json.dumps({"ignore_index": 0, "classes": {"10": "background", "20": "square", "30": "disc"}}))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, onnxruntime_info, write_json  # puts the repository root on sys.path
 
 import export.quantize as xq
-from export.contract import OUTPUT, read_onnx_metadata
+from contract.deployment import OUTPUT, read_onnx_metadata
 
 
 def embed_both(float_path, int8_path, pixels, batch: int = 32):

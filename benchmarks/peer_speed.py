@@ -79,10 +79,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, now, write_json
 
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from trainer.config import ByolConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig
 from trainer.models import ARCHITECTURES, build_encoder
 from trainer.optim import build_optimizer, parameter_groups
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from trainer.pretrain import build_pretraining, train_step
 
 BYOLKIT, PEER, LIGHTLY = "byolkit", "byol-pytorch", "lightly"

@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, write_json  # puts the repository root on sys.path
 
+from contract.preprocess import Preprocessing
 from trainer.checkpoint import load_encoder
 from trainer.config import preset
 from trainer.data import decode_all, open_collection
 from trainer.knn import embed, knn_accuracy
 from trainer.models import build_encoder
-from trainer.preprocess import Preprocessing
 
 
 def main(argv=None) -> int:

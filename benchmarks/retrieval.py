@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     import torch
 
     from app.retrieval import embed_torch, precision_at_k
+    from contract.preprocess import Preprocessing
     from trainer.checkpoint import CheckpointError, load_encoder
     from trainer.data import DataError, open_collection
     from trainer.models import build_encoder
-    from trainer.preprocess import Preprocessing
     try:
         trained, info = load_encoder(args.encoder)
         gallery = open_collection(args.gallery)

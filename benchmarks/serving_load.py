@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.contract import DEFAULT_MODEL_NAME, OUTPUT
+from contract.deployment import DEFAULT_MODEL_NAME, OUTPUT
 from serving.repository import IMAGE_INPUT, image_model_name
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}

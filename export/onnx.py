@@ -4,14 +4,14 @@
     python -m export.onnx --checkpoint runs/c10/checkpoint.pt --out proj.onnx --head projector
     python -m export.onnx --checkpoint random:resnet18:small:32 --out test.onnx
 
-The graph (names from export.contract):
+The graph (names from contract.deployment):
   uint8 input  "images"        [N, H, W, 3] RGB, decoded, resized and centre-cropped by the client
-               (trainer.preprocess steps 1-3); the graph scales to [0, 1], normalises with the
-               encoder's own mean / std (trainer.preprocess.normalize_unit_tensor) and goes to NCHW.
+               (contract.preprocess steps 1-3); the graph scales to [0, 1], normalises with the
+               encoder's own mean / std (contract.preprocess.normalize_unit_tensor) and goes to NCHW.
   float input  "pixel_values"  [N, 3, H, W] float32, already normalised (step 4 done by the client).
   output       "embeddings"    [N, D] float32: the pooled backbone feature (D = 512 for ResNet-18,
                2048 for ResNet-50), or with --head projector the online projector's output.
-N is dynamic. The byolkit metadata (export.contract.METADATA_KEY) holds architecture, embedding
+N is dynamic. The byolkit metadata (contract.deployment.METADATA_KEY) holds architecture, embedding
 size, preprocessing (input size, resize size, mean, std), the weights' fingerprint and version.
 
 Every export is verified before it is moved into place: the ONNX checker, then ONNX Runtime
@@ -35,25 +35,32 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.deployment import (
+    INPUT_FLOAT,
+    INPUT_UINT8,
+    METADATA_KEY,
+    OUTPUT,
+    MetadataError,
+    encode_metadata,
+    read_onnx_metadata,
+)
+from contract.preprocess import (
+    Preprocessing,
+    normalize_unit_tensor,
+)
 from trainer import __version__
 from trainer.checkpoint import (
     CHECKPOINT_NAME,
     ENCODER_NAME,
     CheckpointError,
     atomic_write,
-    default_preprocessing,
     load_checkpoint,
     load_encoder,
-    parse_random_spec,
     weights_fingerprint,
 )
 from trainer.models import ARCHITECTURES, STEMS, MLPHead, build_encoder
-from trainer.preprocess import (
-    Preprocessing,
-    normalize_unit_tensor,
-)
+from trainer.sources import RANDOM_PREFIX, resolve_random
 
-from .contract import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, MetadataError, encode_metadata, read_onnx_metadata
 from .quantize import (
     CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_IMAGES,
@@ -69,7 +76,6 @@ INPUT_KINDS = ("uint8", "float")
 HEADS = ("encoder", "projector")
 EXPORTERS = ("dynamo", "torchscript")
 BATCH_DIM = "batch"
-RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
 
 # Verification tolerances (issue 3): float32 weights must match PyTorch to these bounds.
@@ -87,28 +93,30 @@ class VerificationError(RuntimeError):
     """The exported graph does not compute what PyTorch computes: exit status 1, no file written."""
 
 
-read_metadata = read_onnx_metadata  # (onnx_path) -> dict; cheap, see export.contract
+read_metadata = read_onnx_metadata  # (onnx_path) -> dict; cheap, see contract.deployment
 
 
 # ============================================================================================
 # Sources: run directory, checkpoint, encoder file, or random:ARCH[:STEM[:INPUT_SIZE]]
 # ============================================================================================
 def parse_random_source(spec: str) -> tuple[str, str, int]:
-    """"random:resnet18:small:32" -> ("resnet18", "small", 32); stem and size have defaults."""
+    """"random:resnet18:small:32" -> ("resnet18", "small", 32) (trainer.sources' grammar, random:PATH too)."""
     try:
-        arch, stem, size = parse_random_spec(spec)
+        arch, stem, pre = resolve_random(spec)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    return arch, stem, size or default_preprocessing(stem).input_size
+    return arch, stem, pre.input_size
 
 
 def _random_encoder(spec: str, head: str):
-    arch, stem, size = parse_random_source(spec)
-    with torch.random.fork_rng(devices=[]):
+    try:
+        arch, stem, pre = resolve_random(spec)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    with torch.random.fork_rng(devices=[]):  # the projector draws after the encoder, from the same seed
         torch.manual_seed(RANDOM_SEED)
         encoder, dim = build_encoder(arch, stem)
         projector = MLPHead(dim) if head == "projector" else None
-    pre = default_preprocessing(stem, size)
     calibrate_batchnorm(encoder, projector, pre)
     info = {"arch": arch, "stem": stem, "embedding_dim": dim, "step": 0, "preprocessing": pre,
             "fingerprint": weights_fingerprint(encoder.state_dict())}
@@ -122,7 +130,8 @@ def calibrate_batchnorm(encoder: nn.Module, projector: nn.Module | None, pre: Pr
     At initialisation the running statistics are mean 0, variance 1, so in eval mode nothing is
     normalised and a random ResNet-50's features reach ~200, where float32 rounding alone (PyTorch's
     own, against float64) comes to 8e-5; a ResNet-152's reach 4e8, with a float32 error of 240. The
-    verification's absolute 1e-4 could not hold. Trained encoders' features are of order 1. One forward pass in eval mode sets, layer after layer, each BatchNorm's variance to
+    verification's absolute 1e-4 could not hold. Trained encoders' features are of order 1. One
+    forward pass in eval mode sets, layer after layer, each BatchNorm's variance to
     the mean square of its input (one scalar per layer: per-channel statistics would blow up the
     near-dead channels and make the network ill-conditioned), giving order-1 features whose float32
     error is ~1e-6 like a trained encoder's.
@@ -488,7 +497,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                "its BatchNorm scales are calibrated on generated images so that its features have a trained\n"
                f"encoder's scale; architectures: {', '.join(ARCHITECTURES)}; stems: {', '.join(STEMS)}).\n\n"
                "Input uint8 (default): tensor 'images' uint8 [N, H, W, 3], RGB as decoded, resized and\n"
-               "centre-cropped by trainer.preprocess (Preprocessing.__call__); normalised in the graph.\n"
+               "centre-cropped by contract.preprocess (Preprocessing.__call__); normalised in the graph.\n"
                "Input float: tensor 'pixel_values' float32 [N, 3, H, W], normalised by the client.\n"
                "Output: 'embeddings' float32 [N, D]. Read the metadata with export.onnx.read_metadata.\n\n"
                "Exit status: 0 done, 1 verification failed (nothing written), 2 bad input or an int8 model\n"

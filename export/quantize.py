@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import INPUT_UINT8, METADATA_KEY, OUTPUT, encode_metadata, read_onnx_metadata
+from contract.deployment import INPUT_UINT8, METADATA_KEY, OUTPUT, encode_metadata, read_onnx_metadata
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_METHOD = "percentile"        # measured against minmax and entropy: BENCHMARKS.md, "int8"
@@ -80,7 +80,7 @@ def split_calibration(n: int, calibration: int = DEFAULT_CALIBRATION_IMAGES, hel
 def load_pixels(collection, indices, pre, workers: int = 2) -> np.ndarray:
     """The images at `indices`, through the preprocessing contract's steps 1-3 -> uint8 [N, S, S, 3];
     unreadable ones are left out."""
-    from trainer.preprocess import ImageDecodeError
+    from contract.preprocess import ImageDecodeError
 
     def one(i):
         try:

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .contract import DEFAULT_MODEL_NAME, METADATA_KEY, MetadataError, read_onnx_metadata
+from contract.deployment import DEFAULT_MODEL_NAME, METADATA_KEY, MetadataError, read_onnx_metadata
 
 KINDS = ("cpu", "gpu")
 MODEL_FILENAME = "model.onnx"

@@ -9,7 +9,7 @@
 `embed` takes a list (or one 4-D uint8 array) of image paths, encoded bytes, PIL images or uint8
 RGB arrays [H, W, 3]. Paths and bytes go to the server's `<model>_image` model, which decodes
 them there by the preprocessing contract; PIL images and arrays are preprocessed here
-(`trainer.preprocess`) and sent as uint8 tensors to `<model>` (so a Triton server with only the
+(`contract.preprocess`) and sent as uint8 tensors to `<model>` (so a Triton server with only the
 exported repository works too). Arrays already at the model's input size are sent as they are.
 
 Requests hold at most `batch_size` images (and never more than the server's max batch size).
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
-from trainer.preprocess import ImageDecodeError, Preprocessing, load_rgb
+from contract.deployment import DEFAULT_MODEL_NAME, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
+from contract.preprocess import ImageDecodeError, Preprocessing, load_rgb
 
 from .engine import ModelError, OnnxEncoder, l2_normalize
 from .repository import IMAGE_INPUT, image_model_name

@@ -2,7 +2,7 @@
 
 The Triton model (`serving/triton_model.py`) and `EmbeddingClient` in process both call this
 module, so the server and a script running the ONNX file in process compute embeddings the same
-way: decode with the preprocessing contract (`trainer.preprocess`), feed the graph's own input
+way: decode with the preprocessing contract (`contract.preprocess`), feed the graph's own input
 (uint8 `images` or normalised float `pixel_values`), L2-normalise unless raw output is asked for.
 
 Imports numpy, Pillow and onnxruntime only (no torch).
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
-from trainer.preprocess import MAX_PIXELS, ImageDecodeError, Preprocessing, load_rgb
+from contract.deployment import INPUT_FLOAT, INPUT_UINT8, METADATA_KEY, OUTPUT, decode_metadata
+from contract.preprocess import MAX_PIXELS, ImageDecodeError, Preprocessing, load_rgb
 
 # Encoded images larger than this are refused before decoding (a photo is a few megabytes).
 MAX_IMAGE_BYTES = 32 * 1024 * 1024

@@ -14,8 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_UINT8, OUTPUT, encode_metadata
-from trainer.preprocess import MAX_PIXELS
+from contract.deployment import DEFAULT_MODEL_NAME, INPUT_UINT8, OUTPUT, encode_metadata
+from contract.preprocess import MAX_PIXELS
 
 from .engine import MAX_IMAGE_BYTES, ModelError, OnnxEncoder
 
@@ -40,7 +40,7 @@ class ServedModel:
     input_dims: list[int]      # without the batch dimension
     output_dims: list[int]
     max_batch_size: int
-    info: dict = field(repr=False)  # byolkit metadata (export.contract)
+    info: dict = field(repr=False)  # byolkit metadata (contract.deployment)
     extra_parameters: dict = field(default_factory=dict, repr=False)  # copied from the exported config
     source_config: object = field(default=None, repr=False)  # the exported ModelConfig, if any
 

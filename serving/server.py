@@ -11,7 +11,7 @@ What the bundled binary needs, set up here: the system libpython of this interpr
 wheel's own libraries on LD_LIBRARY_PATH, this interpreter's bin directory first on PATH (the
 backend stub embeds Python and finds this environment's site-packages through it), this
 checkout in BYOLKIT_ROOT (the stub runs Python isolated, ignoring PYTHONPATH; the model adds it
-to sys.path to import serving.engine and trainer.preprocess from the same code), the wheel's
+to sys.path to import serving.engine and contract.preprocess from the same code), the wheel's
 backend stub for this Python version in the backend directory, and SIGINT/SIGTERM at their
 defaults in the child even when this process was started with them ignored.
 
@@ -56,6 +56,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from contract.errors import UsageError
+
 from .engine import MAX_IMAGE_BYTES, ModelError, onnx_providers
 from .repository import ServingSettings, describe, load_model, write_repository
 
@@ -77,10 +79,6 @@ PROBE_TIMEOUTS_FATAL = 3
 
 class ServerError(RuntimeError):
     """The server could not be started, or stopped working."""
-
-
-class UsageError(ValueError):
-    """Bad settings, found before anything starts."""
 
 
 # -- what the bundled tritonserver needs --------------------------------------------------------
@@ -607,7 +605,8 @@ died, or a readiness probe failed), 2 bad input.
 Examples:
   python -m serving.server --model runs/c10/model.onnx
   python -m serving.server --model triton_repo --host 0.0.0.0 --instances 2 --max-queue-delay-us 5000
-  python -c "from serving.client import EmbeddingClient; print(EmbeddingClient('grpc://127.0.0.1:8001').embed(['a.jpg']).shape)"
+  python -c "from serving.client import EmbeddingClient; \\
+      print(EmbeddingClient('grpc://127.0.0.1:8001').embed(['a.jpg']).shape)"
 """
 
 

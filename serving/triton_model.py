@@ -31,8 +31,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
+from contract.preprocess import ImageDecodeError
 from serving.engine import OnnxEncoder, l2_normalize
-from trainer.preprocess import ImageDecodeError
 
 IMAGE_INPUT = "image_bytes"
 
@@ -50,7 +50,7 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         self.max_pixels = int(params["max_pixels"])
         self.max_image_bytes = int(params["max_image_bytes"])
-        # --max-pixels decides, read from the image's header before decoding (trainer.preprocess.load_rgb);
+        # --max-pixels decides, read from the image's header before decoding (contract.preprocess.load_rgb);
         # Pillow's own bomb check would refuse above 179 megapixels before that, with its own message
         Image.MAX_IMAGE_PIXELS = None
         onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")

@@ -1,6 +1,6 @@
 """Helpers for the app and index tests: a tiny stand-in encoder as a real ONNX file.
 
-The stand-in honours the deployment contract (export.contract): uint8 input `images` [N, S, S, 3],
+The stand-in honours the deployment contract (contract.deployment): uint8 input `images` [N, S, S, 3],
 output `embeddings` [N, D], and the byolkit metadata with a fingerprint. Its embedding is a fixed
 linear map of the image's mean colour, so that the conftest images (classes told apart by colour)
 have a meaningful nearest-neighbour structure, and it runs in microseconds.
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import INPUT_UINT8, METADATA_KEY, OUTPUT, encode_metadata
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
+from contract.deployment import INPUT_UINT8, METADATA_KEY, OUTPUT, encode_metadata
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
 
 SIZE, DIM = 16, 16
 

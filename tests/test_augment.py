@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 from conftest import make_image
 
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD
 from trainer.augment import (
     BatchAugment,
     ViewAugmentation,
@@ -22,7 +23,6 @@ from trainer.augment import (
     photometric,
     sample_crop_boxes,
 )
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD
 
 # No randomness but the crop: photometric operations all off.
 PLAIN = ViewAugmentation(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
 from trainer import __version__
 from trainer.checkpoint import (
     CHECKPOINT_NAME,
@@ -21,7 +22,6 @@ from trainer.checkpoint import (
     check_same_model,
     load_checkpoint,
     load_encoder,
-    open_encoder,
     read_encoder_metadata,
     save_checkpoint,
     save_encoder,
@@ -31,7 +31,7 @@ from trainer.checkpoint import (
 from trainer.config import Config, preset
 from trainer.models import BYOL, build_encoder
 from trainer.optim import LARS, parameter_groups
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
+from trainer.sources import open_encoder
 
 
 def small_model(seed=0):

@@ -10,6 +10,14 @@ import torch
 from conftest import CLASS_COLOURS, GOOD_IN_DIRTY, IMAGE_H, IMAGE_W, PER_CLASS, image_bytes, make_image
 from PIL import Image
 
+from contract.preprocess import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ImageDecodeError,
+    Preprocessing,
+    load_rgb,
+    resize_shorter_side,
+)
 from trainer.augment import byol_views
 from trainer.data import (
     BatchPlan,
@@ -22,7 +30,6 @@ from trainer.data import (
     open_collection,
     stream_loader,
 )
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
 
 CLASSES = sorted(CLASS_COLOURS)
 N_LABELLED = len(CLASSES) * PER_CLASS

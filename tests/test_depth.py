@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -118,8 +119,8 @@ def test_augmentation_keeps_photo_and_depth_aligned():
 
 
 # -- the three layouts -----------------------------------------------------------------------------
-CFG = {"min_depth": 1e-3, "max_depth": 10.0, "depth_scale": 1000.0, "nyu_depth": "depths", "split": None,
-       "data_root": None}
+CFG = depth.DepthSettings(min_depth=1e-3, max_depth=10.0, depth_scale=1000.0, nyu_depth="depths", split=None,
+                          data_root=None)
 
 
 def write_nyu(path: Path, n: int = 6, w: int = 40, h: int = 30, drop: str | None = None) -> Path:
@@ -162,7 +163,7 @@ def test_folder_list_and_nyu_layouts(scenes, tmp_path):
     # NYU's labelled .mat (HDF5) and the official split file (MATLAB v5, 1-based indices)
     mat = write_nyu(tmp_path / "nyu.mat")
     savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [2], [4]]), "testNdxs": np.array([[3], [6]])})
-    cfg = {**CFG, "split": str(tmp_path / "splits.mat")}
+    cfg = dataclasses.replace(CFG, split=str(tmp_path / "splits.mat"))
     train, val = depth.open_depth_data(str(mat), "train", cfg), depth.open_depth_data(str(mat), "val", cfg)
     assert train.rows == [0, 1, 3] and val.rows == [2, 5] and val.names == ["nyu_0003", "nyu_0006"]
     photo, d = val.read(1)

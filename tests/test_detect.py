@@ -11,9 +11,9 @@ import torch
 
 from trainer.finetune import detect
 from trainer.finetune.common import freeze_batchnorm, prepare_resnet, stage_channels
+from trainer.models import build_encoder
 from trainer.optim import warmup_multistep
 from trainer.synthetic import write_shapes_coco
-from trainer.models import build_encoder
 
 # A narrow ResNet-18 on 64 px shapes, with anchors scaled down to match: about 30 CPU-seconds for 8 epochs.
 FAST = ["--min-size", "64", "--max-size", "64", "--anchor-sizes", "8,16,32,64,128", "--head-size", "128",

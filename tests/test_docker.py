@@ -457,7 +457,7 @@ def test_readme_deploy_path_is_consistent():
 def test_deploy_path_runs_outside_docker(tmp_path, image_folder):
     """export.triton into a models folder, then app.index build with the version it wrote: the README's
     commands, with /models, /indexes, /runs and /data mapped to folders here."""
-    from export.contract import read_onnx_metadata
+    from contract.deployment import read_onnx_metadata
     from tests.app_util import make_colour_model
 
     make_colour_model(tmp_path / "runs" / "deploy" / "model.onnx")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CLASS_COLOURS, make_image
+
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
 from trainer import checkpoint as ckpt_io
-from trainer import evaluate
+from trainer import evaluate, sources
 from trainer.models import build_encoder
-from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
@@ -93,13 +93,13 @@ def test_random_baseline_writes_beside_the_referenced_encoder_with_its_own_weigh
     trained_fp = ckpt_io.read_encoder_metadata(run_dir / ckpt_io.ENCODER_NAME)["fingerprint"]
     assert random_record["fingerprint"] != trained_fp
     # the baseline is seeded: the same seed is the same network
-    assert ckpt_io.open_encoder(f"random:{run_dir}", seed=0)[1]["fingerprint"] == random_record["fingerprint"]
-    assert ckpt_io.open_encoder(f"random:{run_dir}", seed=1)[1]["fingerprint"] != random_record["fingerprint"]
+    assert sources.open_encoder(f"random:{run_dir}", seed=0)[1]["fingerprint"] == random_record["fingerprint"]
+    assert sources.open_encoder(f"random:{run_dir}", seed=1)[1]["fingerprint"] != random_record["fingerprint"]
 
 
 def test_augmented_linear_keeps_the_encoder_frozen_and_learns(colour_data, run_dir):
     train_c, test_c, remap = evaluate.open_labelled(str(colour_data[0]), str(colour_data[1]))
-    encoder, info = ckpt_io.open_encoder(run_dir)
+    encoder, info = sources.open_encoder(run_dir)
     pre = info["preprocessing"]
     before = {k: v.clone() for k, v in encoder.state_dict().items()}  # BatchNorm statistics included
     train = evaluate.decode_split(train_c, pre, 0, False, "")

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT
 from serving_util import ServerProcess, encode, exported_model, picture
 
 import export.quantize as xq
-from export.contract import read_onnx_metadata
+from contract.deployment import read_onnx_metadata
 from export.onnx import main as export_main
 
 N_IMAGES = 96  # 48 calibrate, 48 held back

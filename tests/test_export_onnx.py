@@ -20,7 +20,7 @@ import torch
 from conftest import REPO_ROOT, image_bytes, make_image
 
 import export.onnx as xo
-from export.contract import (
+from contract.deployment import (
     INPUT_FLOAT,
     INPUT_UINT8,
     METADATA_FIELDS,
@@ -31,11 +31,11 @@ from export.contract import (
     read_onnx_metadata,
     read_onnx_metadata_props,
 )
+from contract.preprocess import Preprocessing
 from trainer import __version__
 from trainer.checkpoint import CheckpointError, load_encoder, save_checkpoint, save_encoder, weights_fingerprint
 from trainer.config import apply_override, preset
 from trainer.models import BYOL, build_encoder
-from trainer.preprocess import Preprocessing
 
 RANDOM_CASES = {  # name -> (source, input size)
     "resnet18-small": ("random:resnet18:small:32", 32),

@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 import export.onnx as xo
 import export.triton as xt
-from export.contract import DEFAULT_MODEL_NAME, INPUT_FLOAT, INPUT_UINT8, OUTPUT
+from contract.deployment import DEFAULT_MODEL_NAME, INPUT_FLOAT, INPUT_UINT8, OUTPUT
 
 SOURCE = "random:resnet18:small:16"
 
@@ -187,7 +187,7 @@ def test_command_line_writes_a_version(onnx_files, tmp_path, capsys):
 def test_config_carries_the_served_versions_metadata(onnx_files, tmp_path_factory, tmp_path):
     """A stock Triton server answers model-config requests from config.pbtxt: the client and the
     app learn the preprocessing and the fingerprint from its "byolkit" parameter."""
-    from export.contract import METADATA_KEY, decode_metadata
+    from contract.deployment import METADATA_KEY, decode_metadata
     other = tmp_path_factory.mktemp("other") / "other.onnx"
     xo.export_onnx("random:resnet18:imagenet:16", other, input_kind="uint8")  # same tensors, other network
     first, second = xo.read_metadata(onnx_files["uint8"]), xo.read_metadata(other)

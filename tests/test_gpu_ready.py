@@ -251,7 +251,7 @@ def test_knn_monitor_decodes_a_bounded_sample(image_folder):
 
 # -- 7: no host-to-device copy of the normalisation statistics per call -----------------------------------
 def test_normalisation_statistics_are_made_once_per_device(monkeypatch):
-    from trainer.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing, _channel_stats
+    from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, Preprocessing, _channel_stats
     _channel_stats.cache_clear()
     pre = Preprocessing.for_image_size(8, CIFAR10_MEAN, CIFAR10_STD)
     batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
@@ -281,8 +281,8 @@ def test_detection_loss_check_reads_the_deferred_record():
 
     logged, bar = DeferredMetrics(), Bar()
     logged.push({"step": 20}, loss=torch.tensor(1.5), nonfinite=torch.tensor(0.0))
-    _check_losses(logged.pop(), {"lr": 0.02}, bar, D.Dist(), epoch=0)
+    _check_losses(logged.pop(), 0.02, bar, D.Dist(), epoch=0)
     assert bar.postfix == {"loss": "1.500", "epoch": 1}
     logged.push({"step": 40}, loss=torch.tensor(float("nan")), nonfinite=torch.tensor(1.0))
     with pytest.raises(TrainingError, match="non-finite by step 40"):
-        _check_losses(logged.pop(), {"lr": 0.02}, bar, D.Dist(), epoch=1)
+        _check_losses(logged.pop(), 0.02, bar, D.Dist(), epoch=1)

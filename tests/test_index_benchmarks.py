@@ -10,9 +10,9 @@ import torch
 from app_util import make_colour_model
 from conftest import REPO_ROOT
 
+from contract.preprocess import Preprocessing
 from trainer.checkpoint import save_encoder
 from trainer.models import build_encoder
-from trainer.preprocess import Preprocessing
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
 

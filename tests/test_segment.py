@@ -17,6 +17,8 @@ from PIL import Image
 
 from trainer.finetune import segment
 from trainer.models import build_encoder
+from trainer.runtime import open_run
+from trainer.settings import from_dict
 
 # sparse ids on purpose (as COCO panoptic's); 0 is the ignore index and also named in the file
 CLASSES = {"ignore_index": 0, "classes": {"0": "unlabeled", "3": "background", "7": "square", "12": "disc"}}
@@ -149,7 +151,7 @@ def test_stop_mid_epoch_resumes_exactly(shapes, tmp_path, monkeypatch):
               "draw": 0, "eval_every": 0, "task": "segment"}
     cfg = {**common, **{k: str(shapes[k]) for k in segment.DATA_FLAGS},
            "classes": segment.Classes.load(shapes["classes"]).to_dict(), "classes_file": str(shapes["classes"])}
-    segment.train(dict(cfg), tmp_path / "whole", progress=False)
+    segment.train(segment.SegmentSettings(**cfg), tmp_path / "whole", progress=False)
 
     calls = {"n": 0}
     real_step = torch.optim.SGD.step
@@ -161,12 +163,12 @@ def test_stop_mid_epoch_resumes_exactly(shapes, tmp_path, monkeypatch):
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.SGD, "step", step_then_stop)
-    summary = segment.train(dict(cfg), tmp_path / "parts", progress=False)
+    summary = segment.train(segment.SegmentSettings(**cfg), tmp_path / "parts", progress=False)
     monkeypatch.undo()
     assert summary["stopped"] and summary["steps"] == 4
-    state = segment.open_run(tmp_path / "parts", "segment", resume=True)
+    state = open_run(tmp_path / "parts", resume=True, kind="segment")
     assert state["epoch"] == 0 and state["position"] == 32
-    segment.train(dict(state["config"]), tmp_path / "parts", state, progress=False)
+    segment.train(from_dict(segment.SegmentSettings, state["config"]), tmp_path / "parts", state, progress=False)
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
     parts = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["model"]
     for k in whole:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from serving_util import ROOT, SOURCE, ServerProcess, encode, exported_model, picture
 
-from export.contract import DEFAULT_MODEL_NAME, INPUT_UINT8, OUTPUT
+from contract.deployment import DEFAULT_MODEL_NAME, INPUT_UINT8, OUTPUT
 from export.onnx import FP32_MAX_ABS, EmbeddingModel, load_source, read_metadata
 from export.triton import write_repository
 from serving.client import EmbeddingClient, EmbeddingError, ServerUnavailableError

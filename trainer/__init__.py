@@ -1,6 +1,5 @@
-"""byolkit's trainer: BYOL pretraining, evaluation and fine-tuning.
+"""byolkit's trainer: BYOL pretraining, evaluation and fine-tuning (trainer.finetune).
 
-Kept free of heavy imports so that `trainer.preprocess` (the preprocessing contract) can be
-used by light clients without importing torch.
+The preprocessing contract it trains under lives in the torch-free package `contract`.
 """
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .preprocess import normalize_unit_tensor
+from contract.preprocess import normalize_unit_tensor
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL uses (torchvision: 0.2989, within 1e-4)
 

@@ -1,4 +1,5 @@
-"""Checkpoints (everything an exact resume needs) and the encoder-only export.
+"""Checkpoints (everything an exact resume needs) and the encoder-only export (encoder sources such as
+random:ARCH are read by trainer.sources).
 
 run_dir/
   checkpoint.pt          latest full checkpoint, replaced atomically
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from contract.preprocess import Preprocessing
+
 from . import __version__
 from .models import build_encoder
-from .preprocess import Preprocessing
 
 CHECKPOINT_NAME = "checkpoint.pt"
 ENCODER_NAME = "encoder.safetensors"
@@ -190,94 +192,4 @@ def load_encoder(source: str | Path) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(f"{path}: weights do not match a {info['arch']} ({info['stem']} stem) encoder: "
                               f"{str(e).splitlines()[0]}") from None
     info["embedding_dim"] = dim
-    return encoder.eval(), info
-
-
-# ============================================================================================
-# Encoder sources for evaluation and fine-tuning: one parser for every command that takes one
-# ============================================================================================
-RANDOM_PREFIX = "random:"
-SUPERVISED_PREFIX = "supervised:"
-ENCODER_SOURCE_HELP = ("a run directory, checkpoint.pt or encoder.safetensors; random:PATH for a randomly "
-                       "initialised encoder of the same architecture and preprocessing as PATH; "
-                       "random:ARCH[:STEM[:SIZE]] (e.g. random:resnet18:small:32); or supervised:ARCH for "
-                       "torchvision's ImageNet weights, when they are already in the torch hub cache")
-
-
-def default_preprocessing(stem: str, size: int | None = None) -> Preprocessing:
-    """The contract a fresh encoder gets: ImageNet statistics at 224 px, or CIFAR's at 32 px for the small stem."""
-    from .preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
-    if stem == "small":
-        return Preprocessing.for_image_size(size or 32, CIFAR10_MEAN, CIFAR10_STD)
-    return Preprocessing.for_image_size(size or 224, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def parse_random_spec(spec: str) -> tuple[str, str, int | None]:
-    """"random:resnet18:small:32" -> ("resnet18", "small", 32); stem defaults to imagenet, size to None."""
-    from .models import ARCHITECTURES, STEMS
-    parts = spec[len(RANDOM_PREFIX):].split(":")
-    if not 1 <= len(parts) <= 3 or not parts[0]:
-        raise CheckpointError(f"expected random:ARCH[:STEM[:SIZE]] or random:PATH, got {spec!r}")
-    arch, stem = parts[0], (parts[1] if len(parts) > 1 and parts[1] else "imagenet")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {arch!r} in {spec!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if stem not in STEMS:
-        raise CheckpointError(f"unknown stem {stem!r} in {spec!r}; choose one of {', '.join(STEMS)}")
-    size = None
-    if len(parts) > 2:
-        try:
-            size = int(parts[2])
-        except ValueError:
-            raise CheckpointError(f"input size must be an integer in {spec!r}") from None
-        if not 8 <= size <= 1024:
-            raise CheckpointError(f"input size {size} in {spec!r} is outside 8-1024")
-    return arch, stem, size
-
-
-def open_encoder(source: str | Path, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """Any encoder source (see ENCODER_SOURCE_HELP) -> (encoder in eval mode, info as load_encoder's).
-
-    info["source"] says which kind it was: "byol", "random" or "supervised".
-    """
-    spec = str(source)
-    if spec.startswith(RANDOM_PREFIX):
-        rest = spec[len(RANDOM_PREFIX):]
-        if Path(rest).exists():  # same architecture and contract as a trained encoder
-            _, ref = load_encoder(rest)
-            arch, stem, pre = ref["arch"], ref["stem"], ref["preprocessing"]
-        else:
-            arch, stem, size = parse_random_spec(spec)
-            pre = default_preprocessing(stem, size)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder, dim = build_encoder(arch, stem)
-        info = {"arch": arch, "stem": stem, "embedding_dim": dim, "preprocessing": pre, "step": 0,
-                "fingerprint": weights_fingerprint(encoder.state_dict()), "source": "random"}
-        return encoder.eval(), info
-    if spec.startswith(SUPERVISED_PREFIX):
-        return _torchvision_supervised(spec[len(SUPERVISED_PREFIX):])
-    encoder, info = load_encoder(spec)
-    info["source"] = "byol"
-    return encoder, info
-
-
-def _torchvision_supervised(arch: str) -> tuple[torch.nn.Module, dict]:
-    """torchvision's ImageNet-supervised weights, read from the hub cache only (never downloaded)."""
-    import torchvision
-    try:
-        weights = torchvision.models.get_model_weights(arch).DEFAULT
-    except (ValueError, KeyError):
-        raise CheckpointError(f"torchvision has no supervised weights for {arch!r}") from None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
-        raise CheckpointError(f"torchvision's supervised {arch} weights are not in the local cache ({cached}); "
-                              f"byolkit does not download them: fetch {weights.url} there first")
-    encoder, dim = build_encoder(arch, "imagenet")
-    state = {k: v for k, v in torch.load(cached, map_location="cpu", weights_only=True).items()
-             if not k.startswith("fc.")}
-    encoder.load_state_dict(state)
-    from .preprocess import IMAGENET_MEAN, IMAGENET_STD
-    pre = Preprocessing.for_image_size(224, IMAGENET_MEAN, IMAGENET_STD)
-    info = {"arch": arch, "stem": "imagenet", "embedding_dim": dim, "preprocessing": pre, "step": 0,
-            "fingerprint": weights_fingerprint(encoder.state_dict()), "source": "supervised"}
     return encoder.eval(), info

@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from contract.errors import UsageError
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
 from . import settings
-from .preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from .runtime import UsageError
 
 
 @dataclass

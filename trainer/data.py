@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb
+
 from .augment import ViewAugmentation, crop_resize_pil
-from .preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb
 from .runtime import DataError  # defined once in trainer.runtime; the app imports it from here
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10")

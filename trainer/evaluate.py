@@ -35,14 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from contract.preprocess import Preprocessing, normalize_unit_tensor
+
+from . import __version__, settings, sources
 from . import checkpoint as ckpt_io
 from .augment import ViewAugmentation, crop_resize_batch
 from .data import BatchPlan, DataError, ImageCollection, SubsetCollection, decode_all, open_collection
 from .knn import embed, knn_accuracy
 from .optim import parameter_groups, warmup_cosine
-from .preprocess import Preprocessing, normalize_unit_tensor
-from .runtime import UsageError, resolve_device
+from .runtime import UsageError, cli_main, log, resolve_device
+from .settings import add_set_flag
 
 PROTOCOLS = ("knn", "linear", "semi", "transfer")
 
@@ -88,7 +90,7 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
     chosen = []
     for y in sorted(by_class):
         members = by_class[y]
-        k = max(1, int(round(fraction * len(members))))
+        k = max(1, round(fraction * len(members)))
         g = torch.Generator().manual_seed(seed * 1_000_003 + y)
         perm = torch.randperm(len(members), generator=g)[:k]
         chosen.extend(members[i] for i in perm.tolist())
@@ -251,7 +253,7 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
     batch = min(sched.batch_size, len(train.images))
     plan = BatchPlan(len(train.images), batch, seed, device=device)
     total = sched.epochs * plan.steps_per_epoch
-    lr_at = warmup_cosine(sched.lr, total, int(round(sched.warmup_epochs * plan.steps_per_epoch)))
+    lr_at = warmup_cosine(sched.lr, total, round(sched.warmup_epochs * plan.steps_per_epoch))
     view = ViewAugmentation(crop_scale=(crop_scale_min, 1.0))
     mean = torch.tensor(pre.mean, device=device)
     std = torch.tensor(pre.std, device=device)
@@ -259,7 +261,7 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     epoch0 = 0
-    settings = {"schedule": sched.to_dict(), "crop_scale_min": crop_scale_min, "seed": seed,
+    identity = {"schedule": sched.to_dict(), "crop_scale_min": crop_scale_min, "seed": seed,
                 "fingerprint": fingerprint, "frozen": model.frozen, "num_train": len(train.images)}
     if resume and checkpoint is not None and checkpoint.is_file():
         try:
@@ -270,17 +272,18 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
         if not isinstance(state, dict) or not {"settings", "model", "optimizer", "rng", "epoch"} <= state.keys():
             raise UsageError(f"cannot resume from {checkpoint}: not an evaluation checkpoint; delete it or drop "
                              "--resume")
-        if state["settings"] != settings:
+        if state["settings"] != identity:
             raise UsageError(f"cannot resume from {checkpoint}: it was started with other settings or another "
                              "encoder; delete it or drop --resume")
         model.load_trainable_state(state["model"])
         opt.load_state_dict(state["optimizer"])
         ckpt_io.set_rng_state(state["rng"])
         epoch0 = int(state["epoch"])
+    elif resume and checkpoint is not None:
+        log(None, f"--resume: no checkpoint at {checkpoint} yet, starting from scratch")
     bar = tqdm(total=total, initial=epoch0 * plan.steps_per_epoch, desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
     model.train()
-    run_epochs = 0
     for epoch in range(epoch0, sched.epochs):
         loss_sum = torch.zeros((), device=device)
         for step in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch):
@@ -299,12 +302,11 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
             bar.update(1)
         epoch_loss = loss_sum.item() / plan.steps_per_epoch  # one host synchronisation per epoch
         bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
-        run_epochs += 1
         if checkpoint is not None and epoch + 1 < sched.epochs:
             payload = {"model": model.trainable_state(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                       "rng": ckpt_io.rng_state(), "settings": settings, "byolkit_version": __version__}
-            ckpt_io.atomic_write(checkpoint, lambda tmp: torch.save(payload, tmp))
-        if stop_after and run_epochs >= stop_after and epoch + 1 < sched.epochs:
+                       "rng": ckpt_io.rng_state(), "settings": identity, "byolkit_version": __version__}
+            ckpt_io.atomic_write(checkpoint, lambda tmp, payload=payload: torch.save(payload, tmp))
+        if stop_after and epoch + 1 - epoch0 >= stop_after and epoch + 1 < sched.epochs:
             bar.close()
             return None
     bar.close()
@@ -345,7 +347,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2])
     sub = p.add_subparsers(dest="protocol", required=True, metavar="{" + ",".join(PROTOCOLS) + "}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--encoder", required=True, help=ckpt_io.ENCODER_SOURCE_HELP)
+    common.add_argument("--encoder", required=True, help=sources.ENCODER_SOURCE_HELP)
     common.add_argument("--train", required=True, help="labelled training images: a folder with one sub-folder per "
                         "class, a zip archive of one, or cifar10 / cifar100 / stl10")
     common.add_argument("--test", required=True, help="labelled test images, same forms (e.g. cifar10:test); "
@@ -359,6 +361,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     common.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     common.add_argument("--seed", type=int, default=0, help="seeds the classifier, the views, the subset and "
                         "random:... encoders")
+    add_set_flag(common)
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def schedule_args(sp, epochs, lr, batch, wd, what):
@@ -369,7 +372,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     def long_run_args(sp):
         sp.add_argument("--crop-scale-min", type=float, default=None,
-                        help="smallest random-crop area (default 0.08 as in the paper; 0.2 for images of 96 px or less)")
+                        help="smallest random-crop area (default 0.08 as in the paper; 0.2 for images of 96 px "
+                             "or less)")
         sp.add_argument("--resume", action="store_true", help="continue from the checkpoint an interrupted run left")
         sp.add_argument("--stop-after", type=_positive_int, default=0, metavar="EPOCHS",
                         help="stop (checkpointed) after this many epochs of this invocation; continue with --resume")
@@ -418,10 +422,10 @@ def metrics_path(args) -> Path:
     if args.out:
         return args.out
     spec = str(args.encoder)
-    random_ref = spec.startswith(ckpt_io.RANDOM_PREFIX) and Path(spec[len(ckpt_io.RANDOM_PREFIX):]).exists()
-    if spec.startswith((ckpt_io.RANDOM_PREFIX, ckpt_io.SUPERVISED_PREFIX)) and not random_ref:
+    random_ref = spec.startswith(sources.RANDOM_PREFIX) and Path(spec[len(sources.RANDOM_PREFIX):]).exists()
+    if spec.startswith((sources.RANDOM_PREFIX, sources.SUPERVISED_PREFIX)) and not random_ref:
         raise UsageError(f"--out is required for --encoder {spec} (it has no folder to write beside)")
-    ref = Path(spec[len(ckpt_io.RANDOM_PREFIX):] if random_ref else spec)
+    ref = Path(spec[len(sources.RANDOM_PREFIX):] if random_ref else spec)
     folder = ref if ref.is_dir() else ref.parent
     name = args.protocol
     if args.protocol == "semi":
@@ -435,122 +439,149 @@ def metrics_path(args) -> Path:
     return folder / "eval" / f"{name}.json"
 
 
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-    tqdm.write(msg, file=sys.stderr)
+@dataclass
+class EvaluateSettings:
+    """The settings of an evaluation (written beside its metrics as <metrics>.config.json; `--set name=value`
+    reaches each by name; the protocol's own flags set the defaults)."""
+    protocol: str = "knn"
+    encoder: str = ""
+    train: str = ""
+    test: str = ""
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    k: int = 200                           # knn
+    temperature: float = 0.1
+    fast: bool = False                     # linear
+    augment: bool = False                  # transfer
+    fraction: float = 1.0                  # semi
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    encoder_lr_scale: float = 1.0
+    linear_epochs: int = 100               # transfer
+    linear_lr: float = 0.1
+    crop_scale_min: float | None = None    # None: 0.2 for images of 96 px or less, else 0.08
+
+    @classmethod
+    def from_args(cls, args) -> EvaluateSettings:
+        """The flags (argparse gives every one its protocol's default), then `--set`."""
+        given = {k: (str(v) if k in ("encoder", "train", "test") else v) for k, v in vars(args).items()}
+        s = settings.from_dict(cls, given)
+        settings.apply_overrides(s, getattr(args, "set", ()))
+        if s.protocol == "semi" and not 0 < s.fraction <= 1:
+            raise UsageError(f"the label fraction must be in (0, 1], got {s.fraction}")
+        return s
+
+
+def _decode(s: EvaluateSettings, train_sel, test_c, remap, pre: Preprocessing, progress: bool):
+    """Test: the contract's centre crop; training: centre crops (kNN, fast linear) and/or the source of
+    random-crop views (augmented protocols) -> (train_centre, train_views, test); None where unused."""
+    augmented = s.protocol in ("semi", "transfer") or (s.protocol == "linear" and not s.fast)
+    test = decode_split(test_c, pre, s.workers, progress, "decoding test images", remap)
+    train_centre = train_views = None
+    if s.protocol == "knn" or (s.protocol in ("linear", "transfer") and not s.augment
+                               and (s.protocol == "transfer" or s.fast)):
+        train_centre = decode_split(train_sel, pre, s.workers, progress, "decoding training images")
+    if augmented:
+        crop_pre = training_crop_source(pre)
+        train_views = (train_centre if train_centre is not None and crop_pre == pre else
+                       decode_split(train_sel, crop_pre, s.workers, progress, "decoding training images"))
+    for split in (train_centre, train_views, test):
+        if split is not None and split.skipped:
+            log(None, f"skipped {split.skipped} unreadable image(s)")
+    return train_centre, train_views, test
 
 
 def run(args) -> dict:
-    """Check everything that can be checked cheaply, then decode, then the protocol."""
+    """Check everything that can be checked cheaply, then decode, then the protocol. `args`: the parsed
+    command line (its settings, and --out, --resume, --stop-after, --no-progress, --tag)."""
     # ---- 1. inputs, checked before any work --------------------------------------------------
-    device = torch.device(resolve_device(args.device))
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    encoder, info = ckpt_io.open_encoder(args.encoder, seed=args.seed)
-    torch.manual_seed(args.seed)  # the new heads' initialisation
+    s = EvaluateSettings.from_args(args)
+    device = torch.device(resolve_device(s.device))
+    precision = s.precision if s.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    encoder, info = sources.open_encoder(s.encoder, seed=s.seed)
+    torch.manual_seed(s.seed)  # the new heads' initialisation
     out = metrics_path(args)
-    train_c, test_c, remap = open_labelled(args.train, args.test)
+    train_c, test_c, remap = open_labelled(s.train, s.test)
     num_classes = num_classes_of(train_c)
     pre = info["preprocessing"]
     progress = not args.no_progress
-    if getattr(args, "crop_scale_min", None) is None and hasattr(args, "crop_scale_min"):
-        args.crop_scale_min = 0.2 if pre.input_size <= 96 else 0.08
+    if s.crop_scale_min is None:
+        s.crop_scale_min = 0.2 if pre.input_size <= 96 else 0.08
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     encoder = encoder.to(device).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    record = {"protocol": args.protocol, "encoder": str(args.encoder), "source": info["source"],
+    config_file = out.with_name(out.stem + ".config.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_io.atomic_write(config_file, lambda tmp: Path(tmp).write_text(settings.dumps(s)))
+    record = {"protocol": s.protocol, "encoder": s.encoder, "source": info["source"],
               "arch": info["arch"], "stem": info["stem"], "fingerprint": info["fingerprint"],
-              "encoder_step": info["step"], "train": str(args.train), "test": str(args.test),
-              "num_classes": num_classes, "seed": args.seed, "device": device.type, "precision": precision}
+              "encoder_step": info["step"], "train": s.train, "test": s.test,
+              "num_classes": num_classes, "seed": s.seed, "device": device.type, "precision": precision,
+              "config_file": str(config_file)}
     train_sel = train_c
-    if args.protocol == "semi":
-        indices = balanced_subset(train_c.labels, args.fraction, args.seed)
+    if s.protocol == "semi":
+        indices = balanced_subset(train_c.labels, s.fraction, s.seed)
         subset_file = out.with_name(out.stem + "-subset.json")
-        write_subset(subset_file, train_c, indices, args.fraction, args.seed, args.train)
+        write_subset(subset_file, train_c, indices, s.fraction, s.seed, s.train)
         train_sel = SubsetCollection(train_c, indices)
-        record.update(fraction=args.fraction, subset_file=str(subset_file))
-        _say(f"labelled subset: {len(indices)} of {len(train_c)} images ({args.fraction:g} of every class) "
+        record.update(fraction=s.fraction, subset_file=str(subset_file))
+        log(None, f"labelled subset: {len(indices)} of {len(train_c)} images ({s.fraction:g} of every class) "
              f"-> {subset_file}")
 
-    # ---- 2. decoding (test: the contract's centre crop; training views: random crops) --------
-    augmented = args.protocol in ("semi", "transfer") or (args.protocol == "linear" and not args.fast)
-    test = decode_split(test_c, pre, args.workers, progress, "decoding test images", remap)
-    train_centre = train_views = None
-    if args.protocol == "knn" or (args.protocol in ("linear", "transfer") and not getattr(args, "augment", False)
-                                  and (args.protocol == "transfer" or args.fast)):
-        train_centre = decode_split(train_sel, pre, args.workers, progress, "decoding training images")
-    if augmented:
-        crop_pre = training_crop_source(pre)
-        train_views = (train_centre if train_centre is not None and crop_pre == pre else
-                       decode_split(train_sel, crop_pre, args.workers, progress, "decoding training images"))
-    for split in (train_centre, train_views, test):
-        if split is not None and split.skipped:
-            _say(f"skipped {split.skipped} unreadable image(s)")
+    # ---- 2. decoding; 3. the protocol -----------------------------------------------------------
+    train_centre, train_views, test = _decode(s, train_sel, test_c, remap, pre, progress)
     some_train = train_views if train_views is not None else train_centre
     record.update(num_train=len(some_train.images), num_test=len(test.images))
-
-    # ---- 3. the protocol ---------------------------------------------------------------------
     ckpt = out.with_name(out.stem + ".ckpt.pt")
-    long_kw = {}
-    if augmented:
-        long_kw = dict(device=device, precision=precision, crop_scale_min=args.crop_scale_min, seed=args.seed,
-                       checkpoint=ckpt, resume=args.resume, fingerprint=info["fingerprint"],
-                       stop_after=args.stop_after, progress=progress)
+    long_kw = {"device": device, "precision": precision, "crop_scale_min": s.crop_scale_min, "seed": s.seed,
+               "checkpoint": ckpt, "resume": getattr(args, "resume", False), "fingerprint": info["fingerprint"],
+               "stop_after": getattr(args, "stop_after", 0), "progress": progress}
 
     def features():
-        kw = dict(precision=precision, progress=progress)
+        kw = {"precision": precision, "progress": progress}
         return (embed(encoder, train_centre.images, pre, device, desc="embedding training images", **kw),
                 embed(encoder, test.images, pre, device, desc="embedding test images", **kw))
 
-    if args.protocol == "knn":
+    def linear_fast(sched: Schedule) -> dict:
+        tr, te = features()
+        return linear_eval_features(tr, train_centre.labels.to(device), te, test.labels.to(device), num_classes,
+                                    sched, s.seed, progress)
+
+    def fit(frozen: bool, sched: Schedule, desc: str, **kw) -> dict | None:
+        model = Classifier(encoder, info["embedding_dim"], num_classes, frozen=frozen)
+        return train_classifier(model, train_views, test, pre, sched, desc=desc, **{**long_kw, **kw})
+
+    if s.protocol == "knn":
         bank, queries = features()
         record.update(knn_accuracy(bank, train_centre.labels.to(device), queries, test.labels.to(device),
-                                   num_classes, args.k, args.temperature), k=args.k, temperature=args.temperature)
-    elif args.protocol == "linear":
-        sched = Schedule(args.epochs, args.batch_size, args.lr, args.weight_decay)
-        record.update(mode="fast" if args.fast else "augmented", schedule=sched.to_dict())
-        if args.fast:
-            tr, te = features()
-            record.update(linear_eval_features(tr, train_centre.labels.to(device), te, test.labels.to(device),
-                                               num_classes, sched, args.seed, progress))
-        else:
-            model = Classifier(encoder, info["embedding_dim"], num_classes, frozen=True)
-            metrics = train_classifier(model, train_views, test, pre, sched, desc="linear", **long_kw)
-            if metrics is None:
-                return {"stopped": True, "checkpoint": str(ckpt)}
-            record.update(metrics, crop_scale_min=args.crop_scale_min)
-    else:  # semi, transfer: fine-tuning (transfer adds the linear protocol first)
-        sched = Schedule(args.epochs, args.batch_size, args.lr, args.weight_decay,
-                         encoder_lr_scale=args.encoder_lr_scale)
-        if args.protocol == "transfer":
-            lin = Schedule(args.linear_epochs, args.batch_size, args.linear_lr, 0.0)
-            part = ckpt.with_name(out.stem + "-linear.json")
-            if args.resume and part.is_file():  # the linear part finished before the interruption
-                try:
-                    record["linear"] = json.loads(part.read_text())
-                except (OSError, ValueError) as e:
-                    raise UsageError(f"cannot resume from {part}: not readable JSON ({e}); delete it or drop "
-                                     "--resume") from None
-            elif args.augment:
-                model = Classifier(encoder, info["embedding_dim"], num_classes, frozen=True)
-                lin_kw = {**long_kw, "checkpoint": ckpt.with_name(out.stem + "-linear.ckpt.pt")}
-                metrics = train_classifier(model, train_views, test, pre, lin, desc="linear", **lin_kw)
-                if metrics is None:
-                    return {"stopped": True, "checkpoint": str(lin_kw["checkpoint"])}
-                record["linear"] = {"mode": "augmented", "schedule": lin.to_dict(), **metrics}
-            else:
-                tr, te = features()
-                record["linear"] = {"mode": "fast", "schedule": lin.to_dict(),
-                                    **linear_eval_features(tr, train_centre.labels.to(device), te,
-                                                           test.labels.to(device), num_classes, lin, args.seed,
-                                                           progress)}
-            ckpt_io.atomic_write(part, lambda tmp: Path(tmp).write_text(json.dumps(record["linear"])))
-        model = Classifier(encoder, info["embedding_dim"], num_classes, frozen=False)
-        metrics = train_classifier(model, train_views, test, pre, sched, desc="fine-tuning", **long_kw)
+                                   num_classes, s.k, s.temperature), k=s.k, temperature=s.temperature)
+    elif s.protocol == "linear":
+        sched = Schedule(s.epochs, s.batch_size, s.lr, s.weight_decay)
+        record.update(mode="fast" if s.fast else "augmented", schedule=sched.to_dict())
+        metrics = linear_fast(sched) if s.fast else fit(True, sched, "linear")
         if metrics is None:
             return {"stopped": True, "checkpoint": str(ckpt)}
-        finetune = {"schedule": sched.to_dict(), "crop_scale_min": args.crop_scale_min, **metrics}
-        if args.protocol == "transfer":
+        record.update(metrics, **({} if s.fast else {"crop_scale_min": s.crop_scale_min}))
+    else:  # semi, transfer: fine-tuning (transfer adds the linear protocol first)
+        part = ckpt.with_name(out.stem + "-linear.json")
+        if s.protocol == "transfer":
+            lin = Schedule(s.linear_epochs, s.batch_size, s.linear_lr, 0.0)
+            lin_ckpt = ckpt.with_name(out.stem + "-linear.ckpt.pt")
+            record["linear"] = _transfer_linear(s, args, part, lin, lambda: linear_fast(lin),
+                                                lambda: fit(True, lin, "linear", checkpoint=lin_ckpt))
+            if record["linear"] is None:
+                return {"stopped": True, "checkpoint": str(lin_ckpt)}
+        sched = Schedule(s.epochs, s.batch_size, s.lr, s.weight_decay, encoder_lr_scale=s.encoder_lr_scale)
+        metrics = fit(False, sched, "fine-tuning")
+        if metrics is None:
+            return {"stopped": True, "checkpoint": str(ckpt)}
+        finetune = {"schedule": sched.to_dict(), "crop_scale_min": s.crop_scale_min, **metrics}
+        if s.protocol == "transfer":
             record["finetune"] = finetune
             part.unlink(missing_ok=True)
         else:
@@ -559,6 +590,26 @@ def run(args) -> dict:
                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), metrics_file=str(out))
     ckpt_io.atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return record
+
+
+def _transfer_linear(s: EvaluateSettings, args, part: Path, lin: Schedule, fast, augmented) -> dict | None:
+    """The linear part of the transfer protocol: read back when an interrupted run finished it
+    (`part`), else trained (None: stopped, checkpointed) and written to `part`."""
+    if getattr(args, "resume", False) and part.is_file():  # the linear part finished before the interruption
+        try:
+            return json.loads(part.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot resume from {part}: not readable JSON ({e}); delete it or drop "
+                             "--resume") from None
+    if s.augment:
+        metrics = augmented()
+        if metrics is None:
+            return None
+        linear = {"mode": "augmented", "schedule": lin.to_dict(), **metrics}
+    else:
+        linear = {"mode": "fast", "schedule": lin.to_dict(), **fast()}
+    ckpt_io.atomic_write(part, lambda tmp: Path(tmp).write_text(json.dumps(linear)))
+    return linear
 
 
 def summary_line(r: dict) -> str:
@@ -576,13 +627,10 @@ def summary_line(r: dict) -> str:
             f"{r['num_test']} test, {r['seconds']:.0f}s -> {r['metrics_file']}")
 
 
+@cli_main
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        record = run(args)
-    except (UsageError, DataError, ckpt_io.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    record = run(args)
     if record.get("stopped"):
         print(f"stopped after --stop-after {args.stop_after} epoch(s); continue with --resume "
               f"(checkpoint {record['checkpoint']})")

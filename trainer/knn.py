@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .preprocess import Preprocessing
+from contract.preprocess import Preprocessing
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 1e-3):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars_exclude=False, lr_scale=1.0)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                        "trust_coefficient": trust_coefficient, "lars_exclude": False, "lr_scale": 1.0}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -59,8 +59,8 @@ def parameter_groups(modules: list[nn.Module], weight_decay: float, lr_scale: fl
         for p in module.parameters():
             if p.requires_grad:
                 (excluded if p.ndim <= 1 else regular).append(p)
-    return [dict(params=regular, weight_decay=weight_decay, lars_exclude=False, lr_scale=lr_scale),
-            dict(params=excluded, weight_decay=0.0, lars_exclude=True, lr_scale=lr_scale)]
+    return [{"params": regular, "weight_decay": weight_decay, "lars_exclude": False, "lr_scale": lr_scale},
+            {"params": excluded, "weight_decay": 0.0, "lars_exclude": True, "lr_scale": lr_scale}]
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float, weight_decay: float,

@@ -1,6 +1,7 @@
 """The plumbing every command of the trainer shares, written once.
 
 - `UsageError` (a bad command line or setting) and `DataError` (data that cannot be used as given),
+  both defined in the torch-free contract.errors (the server reports the same UsageError), and
   `TrainingError` (training that cannot go on); `cli_main` turns them, and `CheckpointError`, into
   one `error: ...` line on stderr and exit status 2.
 - `resolve_device`, `seed_process`: the device type to run on and each process's seed.
@@ -25,17 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from typing_extensions import Self
+
+from contract.errors import DataError, UsageError
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-
-
-class UsageError(ValueError):
-    """A bad command line or setting, reported as one line before any work starts."""
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given (missing, empty, unreadable, unlabelled where labels are needed)."""
 
 
 class TrainingError(RuntimeError):
@@ -82,11 +76,14 @@ def resolve_device(want: str) -> str:
     return device_type
 
 
-def seed_process(seed: int, rank: int = 0, step: int = 0) -> None:
-    """Seed torch's global generator for process `rank`: each process draws differently, and a
-    run resumed at `step` does not repeat the draws of its start (rank 0 restores its saved RNG
-    state instead, which is why step only counts for the other ranks)."""
-    torch.manual_seed(seed + rank + (7919 * int(step) if rank and step else 0))
+def seed_process(seed: int, rank: int = 0, resumed_at: int | None = None) -> None:
+    """Seed torch's global generator for process `rank`, so that each process draws differently.
+    A run resumed at step `resumed_at`: the main process has restored its saved RNG state and keeps
+    it; the others (whose state is not saved) are seeded anew, apart from the draws of the start."""
+    if resumed_at is None:
+        torch.manual_seed(seed + rank)
+    elif rank:
+        torch.manual_seed(seed + rank + 7919 * int(resumed_at))
 
 
 # ============================================================================================
@@ -134,8 +131,7 @@ class Stop:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def __enter__(self) -> Self:
-        return self.install()
+    __enter__ = install
 
     def __exit__(self, *exc) -> None:
         self.restore()

@@ -13,12 +13,13 @@ knows nothing of any command:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
 from pathlib import Path
 
-from .runtime import UsageError
+from contract.errors import UsageError
 
 CONFIG_NAME = "config.json"
 
@@ -101,8 +102,10 @@ def apply_override(settings, assignment: str) -> None:
         if len(parts) != 1:
             raise UsageError(f"--set: unknown setting {path!r}; settings here are plain names like "
                              f"{dataclasses.fields(settings)[0].name}")
-        target, name, where = settings, parts[0], "the settings"
+        target, name, where = settings, parts[0], None
     names = {f.name for f in dataclasses.fields(target)}
+    if name not in names and where is None:
+        raise UsageError(f"--set: no setting {name!r}; the settings are {', '.join(sorted(names))}")
     if name not in names:
         raise UsageError(f"--set: {where} has no setting {name!r}; it has {', '.join(sorted(names))}")
     setattr(target, name, _parse_value(getattr(target, name), raw, path.strip()))
@@ -129,3 +132,38 @@ def check_unchanged(saved, current, keys, flag=lambda key: "--" + key.replace("_
         k = changed[0]
         raise UsageError(f"cannot change {', '.join(flag(c) for c in changed)} when resuming "
                          f"(the run has {get(saved, k)!r}, asked for {get(current, k)!r})")
+
+
+def fixed_on_resume(cls) -> tuple[str, ...]:
+    """The settings a resume may not change: the class's FIXED_ON_RESUME, or every field but its
+    CHANGEABLE_ON_RESUME."""
+    if hasattr(cls, "FIXED_ON_RESUME"):
+        return tuple(cls.FIXED_ON_RESUME)
+    changeable = set(getattr(cls, "CHANGEABLE_ON_RESUME", ()))
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in changeable)
+
+
+def resolve(cls, saved: dict | None = None, assignments=(), given: dict | None = None, prepare=None):
+    """A command's settings: the defaults (a new run) or the resumed run's saved ones, then the `--set`
+    assignments, then the flags given on the command line (`given`: name -> value, None = not given);
+    `prepare(settings)` normalises them (absolute paths, parsed sizes) before a resume is checked
+    against the saved settings (`fixed_on_resume(cls)`)."""
+    s = from_dict(cls, saved) if saved is not None else cls()
+    before = copy.deepcopy(s)
+    apply_overrides(s, assignments)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in (given or {}).items():
+        if value is not None and key in names:
+            setattr(s, key, value)
+    if prepare is not None:
+        prepare(s)
+    if saved is not None:
+        check_unchanged(before, s, fixed_on_resume(cls))
+    return s
+
+
+def add_set_flag(parser) -> None:
+    """The `--set key=value` flag, the same on every command."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting by name (value as JSON when it parses, else a string), repeatable; "
+                             "config.json in a run directory lists them all")

@@ -80,7 +80,8 @@ def _cast(size: int, cam: dict, objects: list[dict], offsets: tuple[float, float
 def render_depth_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random scene -> (uint8 RGB [size, size, 3], float32 depth in metres [size, size])."""
     light = rng.normal(size=3) + np.array([0, 2.5, -1.0])
-    cam = {"height": rng.uniform(1.2, 1.8), "pitch": np.radians(rng.uniform(6, 18)), "focal": size * rng.uniform(0.85, 1.0),
+    cam = {"height": rng.uniform(1.2, 1.8), "pitch": np.radians(rng.uniform(6, 18)),
+           "focal": size * rng.uniform(0.85, 1.0),
            "wall": rng.uniform(6.5, 9.0), "tile": rng.uniform(0.4, 0.8), "light": light / np.linalg.norm(light),
            "ground_a": rng.uniform(0.45, 0.9, 3), "ground_b": rng.uniform(0.05, 0.35, 3),
            "wall_rgb": rng.uniform(0.3, 0.8, 3)}
@@ -95,7 +96,8 @@ def render_depth_scene(size: int, rng: np.random.Generator) -> tuple[np.ndarray,
                             "rgb": rng.uniform(0.2, 1, 3)})
     # depth at the pixel centres; the picture from four rays per pixel (antialiased texture)
     _, depth = _cast(size, cam, objects, (0.5, 0.5))
-    image = np.mean([_cast(size, cam, objects, o)[0] for o in ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))], 0)
+    offsets = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
+    image = np.mean([_cast(size, cam, objects, o)[0] for o in offsets], 0)
     image = image + rng.normal(0, 0.015, image.shape)  # a little sensor noise
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), depth.astype(np.float32)
 
@@ -121,7 +123,8 @@ def write_depth_scenes(folder: Path, count: int, size: int = 64, seed: int = 0, 
     return folder
 
 
-def write_nyu_like_mat(path: Path, count: int, size: int = 64, seed: int = 0, train: int | None = None) -> tuple[Path, Path]:
+def write_nyu_like_mat(path: Path, count: int, size: int = 64, seed: int = 0,
+                       train: int | None = None) -> tuple[Path, Path]:
     """Scenes in the layout of NYU Depth v2's labelled file (HDF5 / MATLAB v7.3: images [N, 3, W, H]
     uint8, depths [N, W, H] float32 metres) and a splits file beside it (trainNdxs / testNdxs,
     1-based: the first `train` scenes, default three quarters, then the rest). Needs h5py."""

@@ -9,9 +9,13 @@ data, model head, metrics and loop, in the style of torchvision's references.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +23,8 @@ from PIL import Image
 from torch import nn
 
 from .. import checkpoint as ckpt_io
+from .. import settings
+from ..distributed import all_reduce
 from ..runtime import UsageError
 
 NORM_CHOICES = ("frozen", "sync", "bn")
@@ -152,31 +158,26 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def save_run(out: Path, *, model, optimizer, epoch: int, position: int, step: int, config: dict,
+def finetune_main(argv, parser, kind: str, resolve_settings, train) -> int:
+    """The command line of a dense task: open (or resume) the run in --out, resolve its settings, train,
+    print the one-line JSON summary (main process). Wrapped in runtime.cli_main by each task."""
+    from ..runtime import open_run
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    state = open_run(out, args.resume, kind=kind)
+    summary = train(resolve_settings(args, state["config"] if state else None), out, state,
+                    progress=not args.no_progress)
+    if summary is not None:
+        print(json.dumps(summary))
+    return 0
+
+
+def save_run(out: Path, *, model, optimizer, epoch: int, position: int, step: int, config,
              history: list, extra: dict | None = None) -> None:
     """The fine-tuning checkpoint: weights, optimiser, where in which epoch, the run's settings."""
+    config = settings.to_dict(config) if dataclasses.is_dataclass(config) else config
     ckpt_io.save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=config,
                             extra={"epoch": epoch, "position": position, "history": history, **(extra or {})})
-
-
-def load_run(out: Path, kind: str) -> dict:
-    state = ckpt_io.load_checkpoint(Path(out) / ckpt_io.CHECKPOINT_NAME)
-    if state["config"].get("task") != kind:
-        raise UsageError(f"{out} holds a {state['config'].get('task', 'pretraining')!r} run, not a {kind} run")
-    return state
-
-
-def open_run(out: Path, kind: str, resume: bool) -> dict | None:
-    """The saved state to continue with --resume (an error when there is none), or None for a new run
-    (an error when `out` already holds one)."""
-    has_checkpoint = (Path(out) / ckpt_io.CHECKPOINT_NAME).is_file()
-    if resume and has_checkpoint:
-        return load_run(out, kind)
-    if resume:
-        raise UsageError(f"--resume: no checkpoint in {out}")
-    if (Path(out) / ckpt_io.CHECKPOINT_NAME).exists():
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    return None
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
@@ -198,12 +199,158 @@ def write_json(path: Path, obj) -> None:
     ckpt_io.atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
-def check_resume_args(saved: dict, given: dict, never_changed: tuple[str, ...]) -> None:
-    """Refuse a resume that would silently change the run: an explicitly given setting must match."""
-    for key in never_changed:
-        if given.get(key) is not None and saved.get(key) != given[key]:
-            raise UsageError(f"cannot change --{key.replace('_', '-')} when resuming "
-                             f"(the run has {saved.get(key)!r}, asked for {given[key]!r})")
+def start_processes(s):
+    """Processes, device and seeds of a segmentation or depth run -> (dist, device type); the batch
+    must split evenly over the processes, at least 2 images each (BatchNorm)."""
+    from ..distributed import init_distributed
+    from ..runtime import resolve_device
+    device_type = resolve_device(s.device)
+    dist = init_distributed(device_type)
+    if s.batch_size % dist.world or s.batch_size // dist.world < 2:
+        raise UsageError(f"--batch-size {s.batch_size} must split evenly over {dist.world} process(es), "
+                         "at least 2 images each (BatchNorm)")
+    torch.manual_seed(s.seed)  # the head starts the same in every process
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return dist, device_type
+
+
+@dataclass
+class DenseSettings:
+    """The settings segmentation and depth runs share (each task's dataclass adds its own and sets the
+    defaults); a resume may change only CHANGEABLE_ON_RESUME."""
+    CHANGEABLE_ON_RESUME: ClassVar[tuple] = ("epochs", "workers", "device", "eval_every", "draw")
+    task: str = ""
+    encoder: str | None = None
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    base_size: int = 240
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    draw: int = 4
+    eval_every: int = 1
+    backbone: dict | None = None          # the encoder's description, filled in when the run starts
+
+    def check_ranges(self, positive=("lr",), **lowest) -> None:
+        """Usage errors for settings below their lowest value (`lowest` adds the task's own) or not positive."""
+        lows = {"epochs": 1, "batch_size": 2, "base_size": 16, "workers": 0, "draw": 0, "eval_every": 0, **lowest}
+        for key, low in lows.items():
+            if getattr(self, key) < low:
+                raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be positive")
+
+
+@dataclass
+class RunState:
+    """Where a fine-tuning run is: the epoch, the samples of this process's epoch order already trained,
+    the optimiser step, the per-epoch history, unreadable samples skipped so far."""
+    epoch: int = 0
+    position: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    skipped: int = 0
+
+    @classmethod
+    def start(cls, out: Path, cfg, state: dict | None, model: nn.Module, optimizer, per_process: int,
+              steps_per_epoch: int, dist) -> RunState:
+        """A new run, or the resumed one (its weights, optimiser and RNGs restored); the run directory
+        made, with the run's config.json, before any process goes on."""
+        from ..distributed import barrier
+        from ..runtime import log
+        at = cls()
+        if state is not None:
+            at = cls.restore(state, model, optimizer, per_process, steps_per_epoch)
+            log(dist, f"resumed {out} at epoch {at.epoch + 1}, batch {at.position // per_process + 1}")
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            settings.write_config(out, cfg)
+        barrier(dist)
+        return at
+
+    @classmethod
+    def restore(cls, state: dict, model: nn.Module, optimizer, per_process: int, steps_per_epoch: int,
+                skipped_key: str = "skipped_unreadable") -> RunState:
+        """Load a checkpoint written by save_run into `model` and `optimizer` (and the RNGs)."""
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.set_rng_state(state["rng"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        return cls(epoch, position, epoch * steps_per_epoch + position // per_process, list(state["history"]),
+                   int(state.get(skipped_key, 0)))
+
+
+class EpochLoop:
+    """The training loop segmentation and depth share, in epochs of a DistributedSampler's order that a
+    resume re-enters at the batch where it stopped: per step the LR from `lr_at`, `loss_of(batch)`
+    (-> (loss, unreadable samples)), backward, SGD/AdamW step; SIGINT/SIGTERM checkpoint the batch and
+    stop; after each epoch `end_epoch(record, last)` evaluates, keeps the history and saves.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer, train_set, sampler, lr_at: list, per_process: int,
+                 epochs: int, workers: int, seed: int, dist, device, desc: str, show: bool, collate_fn=None):
+        self.model, self.optimizer, self.train_set, self.sampler = model, optimizer, train_set, sampler
+        self.lr_at, self.per_process, self.epochs, self.workers, self.seed = lr_at, per_process, epochs, workers, seed
+        self.dist, self.device, self.desc, self.show, self.collate_fn = dist, device, desc, show, collate_fn
+
+    def _loader(self, epoch: int, position: int):
+        # the loader's own generator: creating it must not draw from the global RNG (dropout's), or a
+        # run resumed mid-epoch would drift from the uninterrupted one
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.per_process,
+                                           sampler=epoch_indices(self.sampler, epoch, position), drop_last=True,
+                                           num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                           collate_fn=self.collate_fn,
+                                           generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def run(self, at: RunState, loss_of, end_epoch, save) -> bool:
+        """Train from `at` to the last epoch; returns True when stopped by a signal (checkpointed)."""
+        from ..runtime import Stop, log, progress_bar
+        total = self.epochs * (len(self.sampler) // self.per_process)
+        trained_before = at.history[-1]["train_seconds"] if at.history else 0.0  # resumed: time already spent
+        t_start, eval_seconds = time.perf_counter(), 0.0
+        self.model.train()
+        with Stop() as stop:
+            bar = progress_bar(total, at.step, self.show, desc=self.desc)
+            while at.epoch < self.epochs and not stop.requested:
+                self.train_set.epoch = at.epoch
+                loader = self._loader(at.epoch, at.position)
+                sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, batches, unreadable
+                for batches, batch in enumerate(loader, 1):
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = self.lr_at[at.step]
+                    loss, unreadable = loss_of(batch)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    sums[0] += loss.detach()
+                    sums[1] += 1
+                    sums[2] += unreadable
+                    at.step, at.position = at.step + 1, at.position + self.per_process
+                    bar.update(1)
+                    if at.step % 5 == 0 or batches == len(loader):
+                        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.lr_at[at.step - 1]:.3g}",
+                                        epoch=at.epoch + 1)
+                    if stop.requested:
+                        break
+                sums = all_reduce(sums, self.dist)
+                at.skipped += int(sums[2].item())
+                if stop.requested:
+                    save(at.epoch, at.position)
+                    log(self.dist, f"\nstopped in epoch {at.epoch + 1} at step {at.step}; checkpoint written, "
+                                   "continue with --resume")
+                    break
+                at.epoch, at.position = at.epoch + 1, 0
+                record = {"epoch": at.epoch, "step": at.step, "lr": self.lr_at[at.step - 1],
+                          "train_loss": sums[0].item() / max(sums[1].item(), 1),
+                          "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds}
+                end_epoch(record, at.epoch == self.epochs)
+                eval_seconds += record.get("eval_seconds", 0.0)
+            bar.close()
+        return stop.requested
 
 
 # ============================================================================================

@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,28 +60,33 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
+
 from .. import checkpoint as ckpt_io
-from ..distributed import Dist, all_reduce, barrier, init_distributed, shutdown
+from .. import settings
+from ..distributed import Dist, all_reduce, barrier, shutdown
+from ..optim import cosine_scheduler, poly_schedule
+from ..runtime import UsageError, cli_main, log
+from ..settings import add_set_flag
+from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
+    DenseSettings,
+    EpochLoop,
+    RunState,
     add_scale_bar,
     check_norm_for_device,
-    check_resume_args,
     colour_map,
-    epoch_indices,
-    open_run,
+    finetune_main,
     prepare_resnet,
     sample_rng,
     save_run,
     side_by_side,
     stage_channels,
+    start_processes,
     wrap_distributed,
     write_json,
 )
-from ..optim import cosine_scheduler, poly_schedule
-from ..runtime import UsageError, resolve_device
-from ..preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
-from ..pretrain import Stop, log
 
 METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3")
 NYU_SIZE = (480, 640)  # height, width of NYU Depth v2's frames
@@ -178,22 +181,22 @@ class DepthData:
                                             self.max_depth)
 
 
-def open_depth_data(spec: str, split: str, cfg: dict, progress: bool = False) -> DepthData:
+def open_depth_data(spec: str, split: str, cfg: DepthSettings, progress: bool = False) -> DepthData:
     """--train / --val -> a checked DepthData (UsageError for anything unusable)."""
     path = Path(spec)
     flag = f"--{split}"
-    common = {"min_depth": cfg["min_depth"], "max_depth": cfg["max_depth"]}
+    common = {"min_depth": cfg.min_depth, "max_depth": cfg.max_depth}
     if path.is_dir():
         if not ((path / "rgb").is_dir() and (path / "depth").is_dir()):
             raise UsageError(f"{flag} {path}: expected the folders rgb/ and depth/ in it")
         pairs = _folder_pairs(path)
-        data = DepthData("folder", [p.stem for p, _ in pairs], pairs=pairs, depth_scale=cfg["depth_scale"], **common)
+        data = DepthData("folder", [p.stem for p, _ in pairs], pairs=pairs, depth_scale=cfg.depth_scale, **common)
     elif path.suffix.lower() == ".mat":
         data = _open_nyu(path, split, cfg, common)
     elif path.is_file():
-        pairs = _list_pairs(path, cfg.get("data_root"), flag)
+        pairs = _list_pairs(path, cfg.data_root, flag)
         data = DepthData("list", [f"{i:05d}_{p.stem}" for i, (p, _) in enumerate(pairs)], pairs=pairs,
-                         depth_scale=cfg["depth_scale"], **common)
+                         depth_scale=cfg.depth_scale, **common)
     else:
         raise UsageError(f"{flag} {path} does not exist")
     _check_depths(data, flag, progress)
@@ -269,24 +272,25 @@ def read_split(path: str | Path) -> dict[str, list[int]]:
         raise UsageError(f"--split {path} is not a readable .mat file ({e})") from None
     missing = [k for k in ("trainNdxs", "testNdxs") if k not in raw]
     if missing:
-        raise UsageError(f"--split {path} has no variable {missing[0]!r} (NYU's splits.mat holds trainNdxs and testNdxs)")
+        raise UsageError(f"--split {path} has no variable {missing[0]!r} "
+                         "(NYU's splits.mat holds trainNdxs and testNdxs)")
     return {"train": [int(v) - 1 for v in np.ravel(raw["trainNdxs"])],
             "val": [int(v) - 1 for v in np.ravel(raw["testNdxs"])]}
 
 
-def _open_nyu(path: Path, split: str, cfg: dict, common: dict) -> DepthData:
+def _open_nyu(path: Path, split: str, cfg: DepthSettings, common: dict) -> DepthData:
     try:
         import h5py
     except ImportError:
         raise UsageError("reading NYU's .mat file needs h5py: pip install 'byolkit[downstream]'") from None
     if not path.is_file():
         raise UsageError(f"--{split} {path} does not exist")
-    if not cfg.get("split"):
+    if not cfg.split:
         raise UsageError(f"--{split} {path} is NYU's .mat file: name the official split with --split splits.mat")
     if not h5py.is_hdf5(path):
         raise UsageError(f"--{split} {path} is not a MATLAB v7.3 (HDF5) file like nyu_depth_v2_labeled.mat")
-    rows = read_split(cfg["split"])[split]
-    var = cfg["nyu_depth"]
+    rows = read_split(cfg.split)[split]
+    var = cfg.nyu_depth
     with h5py.File(path, "r") as f:
         for name in ("images", var):
             if name not in f:
@@ -297,7 +301,7 @@ def _open_nyu(path: Path, split: str, cfg: dict, common: dict) -> DepthData:
             raise UsageError(f"{path}: images {images.shape} and {var} {depths.shape} are not NYU's "
                              "[N, 3, W, H] and [N, W, H]")
         if not rows or min(rows) < 0 or max(rows) >= images.shape[0]:
-            raise UsageError(f"--split {cfg['split']}: indices outside 1-{images.shape[0]}")
+            raise UsageError(f"--split {cfg.split}: indices outside 1-{images.shape[0]}")
     return DepthData("nyu", [f"nyu_{r + 1:04d}" for r in rows], mat=path, rows=rows, depth_var=var, **common)
 
 
@@ -365,40 +369,50 @@ def augment(photo: Image.Image, depth: np.ndarray, rng: np.random.Generator, bas
     return np.clip(image, 0, 255).round().astype(np.uint8), np.ascontiguousarray(depth, dtype=np.float32)
 
 
-class TrainSet(torch.utils.data.Dataset):
-    """(uint8 [3, h, w], float32 [h, w]) per sample, augmented; None for a photo that no longer decodes."""
-
-    def __init__(self, data: DepthData, cfg: dict):
-        self.data, self.cfg, self.epoch = data, cfg, 0
+class _Samples(torch.utils.data.Dataset):
+    def __init__(self, data: DepthData):
+        self.data = data
 
     def __len__(self):
         return len(self.data)
 
-    def __getitem__(self, index):
+    def read(self, index):
+        """(photo, depth), or None for a photo that no longer decodes (skipped and counted)."""
         try:
-            photo, depth = self.data.read(index)
+            return self.data.read(index)
         except ImageDecodeError:
             return None
+
+
+class TrainSet(_Samples):
+    """(uint8 [3, h, w], float32 [h, w]) per sample, augmented; None for a photo that no longer decodes."""
+
+    def __init__(self, data: DepthData, cfg: DepthSettings):
+        super().__init__(data)
+        self.cfg, self.epoch = cfg, 0
+
+    def __getitem__(self, index):
+        sample = self.read(index)
+        if sample is None:
+            return None
         c = self.cfg
-        image, depth = augment(photo, depth, sample_rng(c["seed"], self.epoch, index), c["base_size"],
-                               tuple(c["crop_size"]), c["max_scale"])
+        image, depth = augment(*sample, sample_rng(c.seed, self.epoch, index), c.base_size, tuple(c.crop_size),
+                               c.max_scale)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(depth)
 
 
-class EvalSet(torch.utils.data.Dataset):
+class EvalSet(_Samples):
     """The photo at --base-size (the contract's resize) and the full-resolution depth; None if unreadable."""
 
     def __init__(self, data: DepthData, base_size: int):
-        self.data, self.base = data, base_size
-
-    def __len__(self):
-        return len(self.data)
+        super().__init__(data)
+        self.base = base_size
 
     def __getitem__(self, index):
-        try:
-            photo, depth = self.data.read(index)
-        except ImageDecodeError:
+        sample = self.read(index)
+        if sample is None:
             return None
+        photo, depth = sample
         small = resize_shorter_side(photo, self.base)
         return (torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1), torch.from_numpy(depth), index,
                 torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1))
@@ -566,7 +580,7 @@ def depth_metrics(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, device, dist: Dist,
+def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: DepthSettings, device, dist: Dist,
              baseline_depth: float, progress: bool = False) -> tuple[dict, dict, int]:
     """Metrics averaged over this split's images (each scored by one process, sums reduced), the same
     for a constant prediction of `baseline_depth`, and how many photos failed to decode."""
@@ -575,7 +589,7 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, 
     model.eval()
     sums = torch.zeros(2 * len(METRICS) + 2, dtype=torch.float64)  # model, baseline, images, unreadable
     share = torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world))
-    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=cfg["workers"], collate_fn=_as_is)
+    loader = torch.utils.data.DataLoader(share, batch_size=None, num_workers=cfg.workers, collate_fn=_as_is)
     for item in tqdm(loader, desc="evaluating", unit="img", disable=not progress, leave=False):
         if item is None:
             sums[-1] += 1
@@ -583,9 +597,9 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, 
         photo, depth, _, _ = item
         pred = predict(model, photo, depth.shape, pre, device)
         valid = eigen_mask_for(cfg, depth.shape) & (depth > 0)
-        clamp = (cfg["min_depth"], cfg["max_depth"])
-        m = depth_metrics(pred.clamp(*clamp), depth, valid, cfg["median_scaling"])
-        b = depth_metrics(torch.full_like(depth, baseline_depth).clamp(*clamp), depth, valid, cfg["median_scaling"])
+        clamp = (cfg.min_depth, cfg.max_depth)
+        m = depth_metrics(pred.clamp(*clamp), depth, valid, cfg.median_scaling)
+        b = depth_metrics(torch.full_like(depth, baseline_depth).clamp(*clamp), depth, valid, cfg.median_scaling)
         if m is None:  # nothing valid inside the crop
             continue
         sums[:len(METRICS)] += torch.tensor([m[k] for k in METRICS], dtype=torch.float64)
@@ -600,8 +614,8 @@ def evaluate(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, 
     return scores, baseline, int(sums[-1].item())
 
 
-def eigen_mask_for(cfg: dict, shape) -> torch.Tensor:
-    if cfg["eigen_crop_on"]:
+def eigen_mask_for(cfg: DepthSettings, shape) -> torch.Tensor:
+    if cfg.eigen_crop_on:
         return eigen_crop_mask(*shape)
     return torch.ones(*shape, dtype=torch.bool)
 
@@ -614,18 +628,19 @@ def predict(model: nn.Module, photo: torch.Tensor, size, pre: Preprocessing, dev
     return F.interpolate(out[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0, 0].cpu()
 
 
-def draw_depth(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict, device, folder: Path) -> list[Path]:
+def draw_depth(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: DepthSettings, device,
+               folder: Path) -> list[Path]:
     """predictions/NAME.jpg for the first --draw validation images: photo | prediction | ground truth,
     on one colour scale (the ground truth's valid range), with its scale bar; invalid pixels grey."""
     model.eval()
     written = []
-    for index in range(min(cfg["draw"], len(dataset))):
+    for index in range(min(cfg.draw, len(dataset))):
         item = dataset[index]
         if item is None:
             continue
         small, depth, _, photo = item
         with torch.no_grad():
-            pred = predict(model, small, depth.shape, pre, device).clamp(cfg["min_depth"], cfg["max_depth"])
+            pred = predict(model, small, depth.shape, pre, device).clamp(cfg.min_depth, cfg.max_depth)
         valid = depth > 0
         low, high = depth[valid].min().item(), depth[valid].max().item()
         panels = [photo, torch.from_numpy(colour_map(pred.numpy(), low, high)).permute(2, 0, 1),
@@ -642,195 +657,185 @@ def draw_depth(model: nn.Module, dataset: EvalSet, pre: Preprocessing, cfg: dict
 # ============================================================================================
 # Training
 # ============================================================================================
-def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True) -> dict | None:
-    """Fine-tune and evaluate; returns the summary in the main process (None in the others)."""
-    # ---- 1. processes, device, seeds ----------------------------------------------------------
-    device_type = resolve_device(cfg["device"])
-    dist = init_distributed(device_type)
-    device = dist.device
-    if cfg["batch_size"] % dist.world or cfg["batch_size"] // dist.world < 2:
-        raise UsageError(f"--batch-size {cfg['batch_size']} must split evenly over {dist.world} process(es), "
-                         "at least 2 images each (BatchNorm)")
-    check_norm_for_device(cfg["norm"], dist, device_type)
-    torch.manual_seed(cfg["seed"])
-    if device_type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # ---- 2. encoder (a bad source fails before the data scan) ----------------------------------
+def open_backbone(cfg: DepthSettings, state: dict | None):
+    """The encoder (from its source, or rebuilt for a resumed run whose weights are in the checkpoint)
+    and its description, which the run keeps (cfg.backbone)."""
     from ..models import build_encoder
     if state is not None:
         info = state["config"]["backbone"]
         encoder, _ = build_encoder(info["arch"], info["stem"])
-    else:
-        encoder, raw = ckpt_io.open_encoder(cfg["encoder"], cfg["seed"])
-        info = {"arch": raw["arch"], "stem": raw["stem"], "embedding_dim": int(raw["embedding_dim"]),
-                "preprocessing": raw["preprocessing"].to_dict(), "fingerprint": raw["fingerprint"],
-                "source": raw.get("source", "byol"), "step": int(raw.get("step", 0))}
-        cfg["backbone"] = info
+        return encoder, info
+    encoder, raw = open_encoder(cfg.encoder, cfg.seed)
+    cfg.backbone = {"arch": raw["arch"], "stem": raw["stem"], "embedding_dim": int(raw["embedding_dim"]),
+                    "preprocessing": raw["preprocessing"].to_dict(), "fingerprint": raw["fingerprint"],
+                    "source": raw.get("source", "byol"), "step": int(raw.get("step", 0))}
+    return encoder, cfg.backbone
+
+
+def train(cfg: DepthSettings, out: Path, state: dict | None = None, progress: bool = True) -> dict | None:
+    """Fine-tune and evaluate; returns the summary in the main process (None in the others)."""
+    # ---- 1. processes, device, seeds; 2. encoder (a bad source fails before the data scan) ------
+    dist, device_type = start_processes(cfg)
+    device = dist.device
+    check_norm_for_device(cfg.norm, dist, device_type)
+    encoder, info = open_backbone(cfg, state)
     pre = Preprocessing.from_dict(info["preprocessing"])
 
     # ---- 3. data, checked before anything trains ----------------------------------------------
     show = progress and dist.is_main
-    train_data = open_depth_data(cfg["train"], "train", cfg, show)
-    val_data = open_depth_data(cfg["val"], "val", cfg, show)
-    eigen = cfg["eigen_crop"]
-    cfg["eigen_crop_on"] = eigen == "on" or (eigen == "auto" and (val_data.kind == "nyu" or val_data.size == NYU_SIZE))
-    cfg.setdefault("train_mean_depth", train_data.mean_depth)
-    steps_per_epoch = len(train_data) // cfg["batch_size"]
+    train_data = open_depth_data(cfg.train, "train", cfg, show)
+    val_data = open_depth_data(cfg.val, "val", cfg, show)
+    eigen = cfg.eigen_crop
+    cfg.eigen_crop_on = eigen == "on" or (eigen == "auto" and (val_data.kind == "nyu" or val_data.size == NYU_SIZE))
+    if cfg.train_mean_depth is None:
+        cfg.train_mean_depth = train_data.mean_depth
+    steps_per_epoch = len(train_data) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_data)} training sample(s) do not fill one batch of {cfg['batch_size']}; "
+        raise UsageError(f"{len(train_data)} training sample(s) do not fill one batch of {cfg.batch_size}; "
                          "lower --batch-size")
-    train_set, val_set = TrainSet(train_data, cfg), EvalSet(val_data, cfg["base_size"])
+    train_set, val_set = TrainSet(train_data, cfg), EvalSet(val_data, cfg.base_size)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank,
-                                                  shuffle=True, seed=cfg["seed"], drop_last=True)
-    per_process = cfg["batch_size"] // dist.world
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    per_process = cfg.batch_size // dist.world
 
     # ---- 4. network, optimiser, schedule ---------------------------------------------------------
-    net = build_model(encoder, cfg["decoder"], cfg["train_mean_depth"], cfg["trainable_layers"], cfg["norm"])
+    net = build_model(encoder, cfg.decoder, cfg.train_mean_depth, cfg.trainable_layers, cfg.norm)
     net = net.to(device).to(memory_format=torch.channels_last)
-    model = wrap_distributed(net, cfg["norm"], dist, device)
+    model = wrap_distributed(net, cfg.norm, dist, device)
     if dist.enabled:
         net = model.module
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"])
-    total_steps = cfg["epochs"] * steps_per_epoch
-    lr_at = (poly_schedule(cfg["lr"], total_steps) if cfg["schedule"] == "poly"
-             else cosine_scheduler(cfg["lr"], 0.0, total_steps, inclusive=True)).tolist()
-    loss_fn = LOSSES[cfg["loss"]]
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    lr_at = (poly_schedule(cfg.lr, total_steps) if cfg.schedule == "poly"
+             else cosine_scheduler(cfg.lr, 0.0, total_steps, inclusive=True)).tolist()
+    loss_fn = LOSSES[cfg.loss]
 
-    # ---- 5. resume --------------------------------------------------------------------------------
-    epoch, position, history, skipped = 0, 0, [], 0
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt_io.set_rng_state(state["rng"])
-        epoch, position, history = int(state["epoch"]), int(state["position"]), list(state["history"])
-        skipped = int(state.get("skipped_unreadable", 0))
-        log(dist, f"resumed {out} at epoch {epoch + 1}, batch {position // per_process + 1}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(dist)
-    step = epoch * steps_per_epoch + position // per_process
+    # ---- 5. resume, the run directory ---------------------------------------------------------------
+    at = RunState.start(out, cfg, state, net, optimizer, per_process, steps_per_epoch, dist)
 
-    def save(epoch_: int, position_: int):
+    def save(epoch: int, position: int):
         if dist.is_main:
-            save_run(out, model=net, optimizer=optimizer, epoch=epoch_, position=position_,
-                     step=epoch_ * steps_per_epoch + position_ // per_process, config=cfg, history=history,
-                     extra={"skipped_unreadable": skipped})
+            save_run(out, model=net, optimizer=optimizer, epoch=epoch, position=position,
+                     step=epoch * steps_per_epoch + position // per_process, config=cfg, history=at.history,
+                     extra={"skipped_unreadable": at.skipped})
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device_type == "cuda")
+
+    def loss_of(batch):
+        photos, depths, unreadable = batch
+        if photos is None:  # every photo of the batch failed; a DDP peer still needs our gradients
+            photos = torch.zeros(2, 3, *cfg.crop_size, dtype=torch.uint8)
+            depths = torch.zeros(2, *cfg.crop_size)
+        x = pre.normalize_tensor(photos.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            pred = model(x)
+        return loss_fn(pred.float(), depths.to(device, non_blocking=True)), unreadable
 
     baseline = {}
 
-    def write_metrics(final: dict | None):
-        if dist.is_main:
-            write_json(out / "metrics.json", {
-                "task": "depth", "encoder": cfg["encoder"], "backbone": info, "decoder": cfg["decoder"],
-                "loss": cfg["loss"], "eigen_crop": cfg["eigen_crop_on"], "median_scaling": cfg["median_scaling"],
-                "data": {"train": len(train_data), "val": len(val_data), "train_layout": train_data.kind,
-                         "val_layout": val_data.kind, "train_mean_depth": cfg["train_mean_depth"]},
-                "metrics_note": "valid pixels only, averaged over images; predictions clamped to "
-                                f"[{cfg['min_depth']:g}, {cfg['max_depth']:g}] m",
-                "baseline_mean_depth": baseline, "skipped_unreadable": {"train": skipped},
-                "history": history, "final": final})
-
-    # ---- 6. the training loop ----------------------------------------------------------------------
-    from tqdm import tqdm
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stop = Stop()
-    stop.install()
-    bar = tqdm(total=total_steps, initial=step, desc="depth", unit="step", disable=not show, dynamic_ncols=True)
-    trained_before = history[-1]["train_seconds"] if history else 0.0
-    t_start, eval_seconds = time.perf_counter(), 0.0
-    model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device_type == "cuda")
-    while epoch < cfg["epochs"] and not stop.requested:
-        train_set.epoch = epoch
-        order = epoch_indices(sampler, epoch, position)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, sampler=order, drop_last=True,
-                                             num_workers=cfg["workers"], pin_memory=device_type == "cuda",
-                                             collate_fn=collate,
-                                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, batches, unreadable
-        for photos, depths, unreadable in loader:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at[step]
-            sums[2] += unreadable
-            if photos is None:  # every photo of the batch failed; a DDP peer still needs our gradients
-                photos = torch.zeros(2, 3, *cfg["crop_size"], dtype=torch.uint8)
-                depths = torch.zeros(2, *cfg["crop_size"])
-            x = pre.normalize_tensor(photos.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-            target = depths.to(device, non_blocking=True)
-            with autocast:
-                pred = model(x)
-            loss = loss_fn(pred.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums[0] += loss.detach()
-            sums[1] += 1
-            step += 1
-            position += per_process
-            bar.update(1)
-            if step % 5 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at[step - 1]:.3g}", epoch=epoch + 1)
-            if stop.requested:
-                break
-        sums = all_reduce(sums, dist)
-        skipped += int(sums[2].item())
-        if stop.requested:
-            save(epoch, position)
-            log(dist, f"\nstopped in epoch {epoch + 1} at step {step}; checkpoint written, continue with --resume")
-            break
-        epoch, position = epoch + 1, 0
-        record = {"epoch": epoch, "step": step, "lr": lr_at[step - 1],
-                  "train_loss": sums[0].item() / max(sums[1].item(), 1),
-                  "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds}
-        last = epoch == cfg["epochs"]
-        if last or (cfg["eval_every"] and epoch % cfg["eval_every"] == 0):
+    def end_epoch(record: dict, last: bool):
+        if last or (cfg.eval_every and record["epoch"] % cfg.eval_every == 0):
             t_eval = time.perf_counter()
             scores, baseline_scores, unreadable_val = evaluate(net, val_set, pre, cfg, device, dist,
-                                                               cfg["train_mean_depth"], show)
+                                                               cfg.train_mean_depth, show)
             baseline.update(baseline_scores)
-            record.update(scores)
-            record["val_unreadable"] = unreadable_val
-            if last and cfg["draw"] and dist.is_main:
+            record.update(scores, val_unreadable=unreadable_val)
+            if last and cfg.draw and dist.is_main:
                 draw_depth(net, val_set, pre, cfg, device, out / "predictions")
             record["eval_seconds"] = time.perf_counter() - t_eval
-            eval_seconds += record["eval_seconds"]
-            log(dist, f"epoch {epoch}: loss {record['train_loss']:.4f}, abs rel {scores['abs_rel']:.4f}, "
+            log(dist, f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, abs rel {scores['abs_rel']:.4f}, "
                       f"RMSE {scores['rmse']:.4f}, delta1 {scores['delta1']:.4f}")
-        history.append(record)
-        save(epoch, 0)
-        write_metrics(history[-1] if last else None)
-    bar.close()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if skipped:
-        log(dist, f"skipped {skipped} training photo(s) that failed to decode")
+        at.history.append(record)
+        save(record["epoch"], 0)
+        if dist.is_main:
+            write_json(out / "metrics.json", _metrics_doc(cfg, info, train_data, val_data, baseline, at,
+                                                          record if last else None))
 
-    final = history[-1] if history and history[-1]["epoch"] == cfg["epochs"] else None
-    summary = {"run": str(out), "epochs": epoch, "steps": step, "stopped": bool(stop.requested),
-               "world_size": dist.world, "skipped_unreadable": skipped,
+    # ---- 6. the training loop ----------------------------------------------------------------------
+    loop = EpochLoop(model=model, optimizer=optimizer, train_set=train_set, sampler=sampler, lr_at=lr_at,
+                     per_process=per_process, epochs=cfg.epochs, workers=cfg.workers, seed=cfg.seed, dist=dist,
+                     device=device, desc="depth", show=show, collate_fn=collate)
+    stopped = loop.run(at, loss_of, end_epoch, save)
+    if at.skipped:
+        log(dist, f"skipped {at.skipped} training photo(s) that failed to decode")
+    final = at.history[-1] if at.history and at.history[-1]["epoch"] == cfg.epochs else None
+    summary = {"run": str(out), "epochs": at.epoch, "steps": at.step, "stopped": stopped,
+               "world_size": dist.world, "skipped_unreadable": at.skipped,
                **({k: final[k] for k in (*METRICS, "train_loss")} if final else {})}
     barrier(dist)
     shutdown(dist)
     return summary if dist.is_main else None
 
 
+def _metrics_doc(cfg: DepthSettings, info: dict, train_data, val_data, baseline: dict, at: RunState,
+                 final: dict | None) -> dict:
+    return {"task": "depth", "encoder": cfg.encoder, "backbone": info, "decoder": cfg.decoder,
+            "loss": cfg.loss, "eigen_crop": cfg.eigen_crop_on, "median_scaling": cfg.median_scaling,
+            "data": {"train": len(train_data), "val": len(val_data), "train_layout": train_data.kind,
+                     "val_layout": val_data.kind, "train_mean_depth": cfg.train_mean_depth},
+            "metrics_note": "valid pixels only, averaged over images; predictions clamped to "
+                            f"[{cfg.min_depth:g}, {cfg.max_depth:g}] m",
+            "baseline_mean_depth": baseline, "skipped_unreadable": {"train": at.skipped},
+            "history": at.history, "final": final}
+
+
 # ============================================================================================
-# Command line
+# Settings and command line
 # ============================================================================================
-DEFAULTS = {"decoder": "upproj", "loss": "berhu", "epochs": 20, "batch_size": 8, "lr": 2e-4, "weight_decay": 1e-4,
-            "schedule": "poly", "base_size": 240, "crop_size": "228x304", "max_scale": 1.5, "min_depth": 1e-3,
-            "max_depth": 10.0, "depth_scale": 1000.0, "eigen_crop": "auto", "nyu_depth": "depths",
-            "trainable_layers": 5, "norm": "bn", "device": "auto", "workers": 2, "seed": 0, "draw": 4,
-            "eval_every": 1}
-# what a resume may change; everything else must stay as the run has it
-CHANGEABLE_ON_RESUME = ("epochs", "workers", "device", "eval_every", "draw")
 PATH_FLAGS = ("train", "val", "split", "data_root")
 
 
+@dataclass
+class DepthSettings(DenseSettings):
+    """Every setting of a depth run (config.json; `--set name=value` reaches each by name)."""
+    task: str = "depth"
+    train: str | None = None          # absolute paths
+    val: str | None = None
+    split: str | None = None
+    data_root: str | None = None
+    nyu_depth: str = "depths"
+    depth_scale: float = 1000.0
+    min_depth: float = 1e-3
+    max_depth: float = 10.0
+    decoder: str = "upproj"
+    loss: str = "berhu"
+    epochs: int = 20
+    lr: float = 2e-4
+    schedule: str = "poly"
+    crop_size: list = field(default_factory=lambda: [228, 304])  # H, W (the flag also takes "HxW" or "N")
+    max_scale: float = 1.5
+    eigen_crop: str = "auto"
+    median_scaling: bool = False
+    trainable_layers: int = 5
+    norm: str = "bn"
+    eigen_crop_on: bool | None = None     # filled in when the run starts
+    train_mean_depth: float | None = None
+
+    def normalise(self) -> None:
+        for key in PATH_FLAGS:
+            if getattr(self, key):
+                setattr(self, key, str(Path(getattr(self, key)).resolve()))
+        self.crop_size = parse_crop(self.crop_size)
+
+    def check(self) -> None:
+        missing = [f for f in ("encoder", "train", "val") if not getattr(self, f)]
+        if missing:
+            raise UsageError(f"missing {', '.join('--' + f for f in missing)}")
+        for key, choices in (("decoder", DECODERS), ("loss", tuple(LOSSES)), ("schedule", ("poly", "cosine")),
+                             ("eigen_crop", ("auto", "on", "off")), ("norm", NORM_CHOICES),
+                             ("nyu_depth", ("depths", "rawDepths"))):
+            if getattr(self, key) not in choices:
+                raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}")
+        self.check_ranges(positive=("lr", "depth_scale", "max_depth"))
+        if not 0 <= self.min_depth < self.max_depth:
+            raise UsageError("need 0 <= --min-depth < --max-depth")
+        if not self.max_scale >= 1:
+            raise UsageError("--max-scale must be at least 1")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
+    d = DepthSettings()
     p = argparse.ArgumentParser(
         prog="python -m trainer.depth", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a BYOL encoder for monocular depth estimation (Laina et al.'s up-projection "
@@ -845,41 +850,43 @@ def get_args_parser() -> argparse.ArgumentParser:
                "Metrics: abs rel, sq rel, RMSE, RMSE log, log10, delta<1.25^k on valid pixels, mean over images.\n"
                "RUN/: checkpoint.pt, metrics.json (every epoch), predictions/*.jpg (photo | prediction | truth).\n"
                "Several GPUs: torchrun --nproc_per_node N -m trainer.depth ...")
-    p.add_argument("--encoder", help=f"backbone: {ckpt_io.ENCODER_SOURCE_HELP}")
+    p.add_argument("--encoder", help=f"backbone: {ENCODER_SOURCE_HELP}")
     p.add_argument("--train", help="training data (see below)")
     p.add_argument("--val", help="validation data (see below)")
     p.add_argument("--out", required=True, help="run directory (new, unless --resume)")
     p.add_argument("--split", help="NYU's official splits.mat (trainNdxs / testNdxs) when the data is the .mat file")
     p.add_argument("--data-root", help="folder the paths of a list file are relative to (default: the list's folder)")
     p.add_argument("--nyu-depth", choices=["depths", "rawDepths"], help="NYU .mat variable: in-painted depths "
-                   f"(the literature's ground truth) or raw sensor depth with holes (default {d['nyu_depth']})")
-    p.add_argument("--depth-scale", type=float, help=f"16-bit PNG units per metre (default {d['depth_scale']:g}: mm)")
-    p.add_argument("--min-depth", type=float, help=f"smaller depths are invalid (default {d['min_depth']:g} m)")
-    p.add_argument("--max-depth", type=float, help=f"larger depths are invalid (default {d['max_depth']:g} m, NYU's)")
-    p.add_argument("--decoder", choices=DECODERS, help=f"up-projection (Laina et al.) or light FPN (default {d['decoder']})")
-    p.add_argument("--loss", choices=sorted(LOSSES), help=f"berhu or silog, see below (default {d['loss']})")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {d['epochs']})")
-    p.add_argument("--batch-size", type=int, help=f"global batch size (default {d['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default {d['lr']:g})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d['weight_decay']:g})")
-    p.add_argument("--schedule", choices=["poly", "cosine"], help=f"per-step LR decay (default {d['schedule']})")
+                   f"(the literature's ground truth) or raw sensor depth with holes (default {d.nyu_depth})")
+    p.add_argument("--depth-scale", type=float, help=f"16-bit PNG units per metre (default {d.depth_scale:g}: mm)")
+    p.add_argument("--min-depth", type=float, help=f"smaller depths are invalid (default {d.min_depth:g} m)")
+    p.add_argument("--max-depth", type=float, help=f"larger depths are invalid (default {d.max_depth:g} m, NYU's)")
+    p.add_argument("--decoder", choices=DECODERS,
+                   help=f"up-projection (Laina et al.) or light FPN (default {d.decoder})")
+    p.add_argument("--loss", choices=sorted(LOSSES), help=f"berhu or silog, see below (default {d.loss})")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default {d.lr:g})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay:g})")
+    p.add_argument("--schedule", choices=["poly", "cosine"], help=f"per-step LR decay (default {d.schedule})")
     p.add_argument("--base-size", type=int, help="shorter side the photos are resized to for training (before "
-                   f"scaling) and evaluation (default {d['base_size']}: NYU at half size, as Laina et al.)")
-    p.add_argument("--crop-size", help=f"training crop, HxW or N (default {d['crop_size']})")
-    p.add_argument("--max-scale", type=float, help=f"random scaling s in [1, this]; depth / s (default {d['max_scale']})")
+                   f"scaling) and evaluation (default {d.base_size}: NYU at half size, as Laina et al.)")
+    p.add_argument("--crop-size", help=f"training crop, HxW or N (default {'x'.join(map(str, d.crop_size))})")
+    p.add_argument("--max-scale", type=float, help=f"random scaling s in [1, this]; depth / s (default {d.max_scale})")
     p.add_argument("--eigen-crop", choices=["auto", "on", "off"], help="score only the Eigen crop; auto: on for NYU "
                    "(the .mat file, or data of NYU's 640x480 size)")
     p.add_argument("--median-scaling", action="store_true", default=None, help="scale each prediction by "
                    "median(truth) / median(prediction) before scoring (off by default)")
     p.add_argument("--trainable-layers", type=int, choices=range(6), metavar="0-5",
-                   help=f"encoder stages trained, from layer4 down to conv1 (default {d['trainable_layers']}: all)")
-    p.add_argument("--norm", choices=NORM_CHOICES, help=f"encoder BatchNorm: bn, frozen or sync (default {d['norm']})")
+                   help=f"encoder stages trained, from layer4 down to conv1 (default {d.trainable_layers}: all)")
+    p.add_argument("--norm", choices=NORM_CHOICES, help=f"encoder BatchNorm: bn, frozen or sync (default {d.norm})")
     p.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0 = after the last only "
-                   f"(default {d['eval_every']})")
-    p.add_argument("--draw", type=int, help=f"validation images drawn into RUN/predictions (default {d['draw']})")
+                   f"(default {d.eval_every})")
+    p.add_argument("--draw", type=int, help=f"validation images drawn into RUN/predictions (default {d.draw})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto)")
-    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {d['workers']})")
-    p.add_argument("--seed", type=int, help=f"(default {d['seed']})")
+    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {d.workers})")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    add_set_flag(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its settings "
                    "are kept; only --epochs, --workers, --device, --eval-every and --draw may change)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -900,48 +907,17 @@ def parse_crop(text) -> list[int]:
     return parts
 
 
-def resolve_config(args: argparse.Namespace, saved: dict | None) -> dict:
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "no_progress")}
-    for k in PATH_FLAGS:
-        if k in given:
-            given[k] = str(Path(given[k]).resolve())
-    if "crop_size" in given:
-        given["crop_size"] = parse_crop(given["crop_size"])
-    if saved is not None:
-        check_resume_args(saved, given, tuple(k for k in given if k not in CHANGEABLE_ON_RESUME))
-        return {**saved, **{k: given[k] for k in CHANGEABLE_ON_RESUME if k in given}}
-    missing = [f for f in ("encoder", "train", "val") if f not in given]
-    if missing:
-        raise UsageError(f"missing {', '.join('--' + f for f in missing)}")
-    cfg = {"task": "depth", "split": None, "data_root": None, "median_scaling": False, **DEFAULTS, **given}
-    cfg["crop_size"] = parse_crop(cfg["crop_size"])
-    for key, low in (("epochs", 1), ("batch_size", 2), ("base_size", 16), ("workers", 0), ("draw", 0),
-                     ("eval_every", 0)):
-        if cfg[key] < low:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
-    for key in ("lr", "depth_scale", "max_depth"):
-        if not cfg[key] > 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive")
-    if not 0 <= cfg["min_depth"] < cfg["max_depth"]:
-        raise UsageError("need 0 <= --min-depth < --max-depth")
-    if not cfg["max_scale"] >= 1:
-        raise UsageError("--max-scale must be at least 1")
-    return cfg
+def resolve_settings(args: argparse.Namespace, saved: dict | None) -> DepthSettings:
+    """A new run: defaults, --set, flags. A resumed run: its own settings; only --epochs, --workers,
+    --device, --eval-every and --draw may change."""
+    s = settings.resolve(DepthSettings, saved, args.set, vars(args), prepare=DepthSettings.normalise)
+    s.check()
+    return s
 
 
+@cli_main(errors=(ImageDecodeError,))
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    try:
-        state = open_run(out, "depth", args.resume)
-        cfg = resolve_config(args, state["config"] if state else None)
-        summary = train(cfg, out, state, progress=not args.no_progress)
-    except (UsageError, ckpt_io.CheckpointError, ImageDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if summary is not None:
-        print(json.dumps(summary))
-    return 0
+    return finetune_main(argv, get_args_parser(), "depth", resolve_settings, train)
 
 
 if __name__ == "__main__":

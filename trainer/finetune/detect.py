@@ -23,23 +23,41 @@ import contextlib
 import io
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from contract.preprocess import MAX_PIXELS
+
 from .. import checkpoint as ckpt_io
+from .. import settings
 from ..distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
+from ..optim import warmup_multistep
+from ..pretrain import DeferredMetrics
+from ..runtime import (
+    DataError,
+    Stop,
+    TrainingError,
+    UsageError,
+    cli_main,
+    log,
+    open_run,
+    progress_bar,
+    resolve_device,
+    seed_process,
+)
+from ..settings import add_set_flag
+from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
     check_norm_for_device,
-    check_resume_args,
     default_norm,
     default_trainable_layers,
     draw_predictions,
@@ -51,10 +69,6 @@ from .common import (
     wrap_distributed,
     write_json,
 )
-from ..optim import warmup_multistep
-from ..preprocess import MAX_PIXELS
-from ..pretrain import DeferredMetrics, Stop
-from ..runtime import UsageError, resolve_device, DataError, TrainingError
 
 LOG_EVERY = 20  # steps between the host's (deferred) looks at the losses
 
@@ -98,7 +112,8 @@ class CocoSet:
                 anns.append(ann)
                 next_id += 1
             for a in crowd:
-                anns.append({**a, "id": next_id, "iscrowd": 1, "area": float(a.get("area", a["bbox"][2] * a["bbox"][3]))})
+                area = float(a.get("area", a["bbox"][2] * a["bbox"][3]))
+                anns.append({**a, "id": next_id, "iscrowd": 1, "area": area})
                 next_id += 1
         return {"images": [{"id": i["id"], "width": i["width"], "height": i["height"]} for i in self.images],
                 "categories": [{"id": c["id"], "name": c["name"]} for c in self.categories], "annotations": anns}
@@ -123,12 +138,30 @@ def load_coco(images_dir: str | Path, ann_path: str | Path, masks: str = "auto",
         data = json.loads(ann_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{flag}: {ann_path} is not JSON ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise DataError(f"{flag}: {ann_path} is not a COCO instances file (needs lists 'images', 'annotations', 'categories')")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "annotations", "categories")):
+        raise DataError(f"{flag}: {ann_path} is not a COCO instances file (needs lists 'images', 'annotations', "
+                        f"'categories')")
+    categories = _read_categories(data["categories"], ann_path, flag)
+    images = _read_images(data["images"], images_dir, ann_path, flag)
+    boxes, cats, segs, crowd, counts = _read_annotations(data["annotations"], images, categories, ann_path, flag)
+    clipped, skipped, reasons, with_seg = counts
+    kept = sum(len(b) for b in boxes)
+    use_masks = False
+    if masks == "auto" and with_seg:
+        if with_seg != kept:
+            raise DataError(f"{flag}: {with_seg} of {kept} annotations carry a segmentation; Mask R-CNN needs "
+                            f"all of them (pass --no-masks to train boxes only)")
+        use_masks = True
+    return CocoSet(name, images_dir, images, categories,
+                   [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes],
+                   [np.asarray(c, np.int64) for c in cats], segs if use_masks else None, crowd,
+                   clipped, skipped, reasons)
 
-    # -- categories
+
+def _read_categories(entries: list, ann_path: Path, flag: str) -> list[dict]:
     categories = []
-    for c in data["categories"]:
+    for c in entries:
         if not isinstance(c, dict) or not isinstance(c.get("id"), int):
             raise DataError(f"{flag}: a category without an integer id: {c!r}")
         categories.append({"id": c["id"], "name": str(c.get("name", c["id"]))})
@@ -137,21 +170,24 @@ def load_coco(images_dir: str | Path, ann_path: str | Path, masks: str = "auto",
         raise DataError(f"{flag}: {ann_path} lists no categories")
     if len(set(cat_ids)) != len(cat_ids):
         raise DataError(f"{flag}: category ids repeat in {ann_path}")
+    return categories
 
-    # -- images: every listed file exists and opens, at the size the file says
-    if not data["images"]:
+
+def _read_images(entries: list, images_dir: Path, ann_path: Path, flag: str) -> list[dict]:
+    """Every listed file exists and opens, at the size the file says."""
+    if not entries:
         raise DataError(f"{flag}: {ann_path} lists no images")
-    images, index = [], {}
-    for im in data["images"]:
+    images, seen = [], set()
+    for im in entries:
         if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
             raise DataError(f"{flag}: an image entry without id and file_name: {im!r}")
-        if im["id"] in index:
+        if im["id"] in seen:
             raise DataError(f"{flag}: image id {im['id']} is listed twice")
         path = images_dir / im["file_name"]
         if not path.is_file():
-            missing = sum(not (images_dir / i.get("file_name", "")).is_file() for i in data["images"])
+            missing = sum(not (images_dir / i.get("file_name", "")).is_file() for i in entries)
             raise DataError(f"{flag}: image {im['file_name']!r} (id {im['id']}) is not in {images_dir} "
-                            f"({missing} of {len(data['images'])} listed images are missing)")
+                            f"({missing} of {len(entries)} listed images are missing)")
         try:
             with Image.open(path) as f:  # header only: cheap, and catches files that are no image at all
                 width, height = f.size
@@ -162,23 +198,23 @@ def load_coco(images_dir: str | Path, ann_path: str | Path, masks: str = "auto",
         if im.get("width", width) != width or im.get("height", height) != height:
             raise DataError(f"{flag}: {path} is {width}x{height} but the annotations say "
                             f"{im.get('width')}x{im.get('height')}: the annotations belong to another image")
-        index[im["id"]] = len(images)
+        seen.add(im["id"])
         images.append({"id": im["id"], "file_name": im["file_name"], "width": width, "height": height,
                        "path": str(path)})
+    return images
 
-    # -- annotations
-    anns = data["annotations"]
+
+def _read_annotations(anns: list, images: list[dict], categories: list[dict], ann_path: Path, flag: str):
+    """Boxes clipped to their image (xyxy), per image -> (boxes, category ids, segmentations, crowd
+    annotations, (clipped, skipped, skip reasons, boxes with a segmentation))."""
     if not anns:
         raise DataError(f"{flag}: {ann_path} holds no annotations (an empty annotation set cannot be learned "
                         f"from or evaluated)")
-    known = set(cat_ids)
-    boxes = [[] for _ in images]
-    cats = [[] for _ in images]
-    segs = [[] for _ in images]
-    crowd = [[] for _ in images]
-    clipped = skipped = 0
+    index = {im["id"]: i for i, im in enumerate(images)}
+    known = {c["id"] for c in categories}
+    boxes, cats, segs, crowd = ([[] for _ in images] for _ in range(4))
+    clipped = skipped = with_seg = 0
     reasons: dict[str, int] = {}
-    with_seg = 0
     for a in anns:
         if not isinstance(a, dict):
             raise DataError(f"{flag}: an annotation is not an object: {a!r}")
@@ -215,20 +251,10 @@ def load_coco(images_dir: str | Path, ann_path: str | Path, masks: str = "auto",
         boxes[i].append([x0, y0, x1, y1])
         cats[i].append(a["category_id"])
         segs[i].append(seg)
-    kept = sum(len(b) for b in boxes)
-    if kept == 0:
+    if not sum(len(b) for b in boxes):
         raise DataError(f"{flag}: none of the {len(anns)} annotations in {ann_path} is a usable box "
                         f"({skipped} skipped: {reasons})")
-    use_masks = False
-    if masks == "auto" and with_seg:
-        if with_seg != kept:
-            raise DataError(f"{flag}: {with_seg} of {kept} annotations carry a segmentation; Mask R-CNN needs "
-                            f"all of them (pass --no-masks to train boxes only)")
-        use_masks = True
-    return CocoSet(name, images_dir, images, categories,
-                   [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes],
-                   [np.asarray(c, np.int64) for c in cats], segs if use_masks else None, crowd,
-                   clipped, skipped, reasons)
+    return boxes, cats, segs, crowd, (clipped, skipped, reasons, with_seg)
 
 
 def _check_segmentation(seg, img: dict, aid, flag: str) -> None:
@@ -375,10 +401,11 @@ def build_detector(encoder: torch.nn.Module, info: dict, num_classes: int, *, ma
     backbone = resnet_fpn(prepare_resnet(encoder, trainable_layers, norm), fpn_channels)
     c = backbone.out_channels
     pre = info["preprocessing"]
-    kwargs = dict(min_size=min_size, max_size=max_size, image_mean=list(pre.mean), image_std=list(pre.std),
-                  rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5),
-                  box_head=TwoMLPHead(c * 7 * 7, head_size), box_predictor=FastRCNNPredictor(head_size, num_classes),
-                  box_batch_size_per_image=rois_per_image)
+    kwargs = {"min_size": min_size, "max_size": max_size, "image_mean": list(pre.mean), "image_std": list(pre.std),
+              "rpn_anchor_generator": AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5),
+              "box_head": TwoMLPHead(c * 7 * 7, head_size),
+              "box_predictor": FastRCNNPredictor(head_size, num_classes),
+              "box_batch_size_per_image": rois_per_image}
     if masks:
         return MaskRCNN(backbone, mask_head=MaskRCNNHeads(c, [c] * 4, 1),
                         mask_predictor=MaskRCNNPredictor(c, c, num_classes), **kwargs)
@@ -386,20 +413,64 @@ def build_detector(encoder: torch.nn.Module, info: dict, num_classes: int, *, ma
 
 
 # ============================================================================================
-# Command line
+# Settings and command line
 # ============================================================================================
-DEFAULTS = {"epochs": 12, "batch_size": 2, "lr": 0.02, "weight_decay": 1e-4, "min_size": 800, "max_size": 1333,
-            "anchor_sizes": "32,64,128,256,512", "fpn_channels": 0, "head_size": 1024, "rois_per_image": 512,
-            "warmup_steps": 500, "workers": 2, "seed": 0, "device": "auto", "draw": 8, "draw_score": 0.5,
-            "eval_every": 0}
-# settings a resume must not change (the schedule and the model would no longer be the run's)
-FIXED_ON_RESUME = ("encoder", "train_images", "train_ann", "val_images", "val_ann", "epochs", "batch_size", "lr",
-                   "weight_decay", "min_size", "max_size", "anchor_sizes", "fpn_channels", "head_size",
-                   "rois_per_image", "trainable_layers", "norm", "warmup_steps", "seed", "no_masks")
+@dataclass
+class DetectSettings:
+    """Every setting of a detection run (config.json; `--set name=value` reaches each by name)."""
+    FIXED_ON_RESUME: ClassVar[tuple] = (  # a resume may not change these: the schedule, the model, the data
+        "encoder", "train_images", "train_ann", "val_images", "val_ann", "epochs", "batch_size", "lr",
+        "weight_decay", "min_size", "max_size", "anchor_sizes", "fpn_channels", "head_size", "rois_per_image",
+        "trainable_layers", "norm", "warmup_steps", "seed", "no_masks")
+    encoder: str | None = None
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: str = "32,64,128,256,512"
+    fpn_channels: int = 0
+    head_size: int = 1024
+    rois_per_image: int = 512
+    warmup_steps: int = 500
+    trainable_layers: int | None = None   # None: 3 for a pretrained encoder, 5 for a random one
+    norm: str | None = None               # None: frozen for a pretrained encoder, bn for a random one
+    no_masks: bool = False
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    draw: int = 8
+    draw_score: float = 0.5
+    eval_every: int = 0
+
+    def anchors(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in str(self.anchor_sizes).split(","))
+
+    def check(self) -> None:
+        for key in ("encoder", "train_images", "train_ann", "val_images", "val_ann"):
+            if not getattr(self, key):
+                raise UsageError(f"--{key.replace('_', '-')} is required")
+        for key in ("epochs", "batch_size", "min_size", "max_size", "head_size", "rois_per_image"):
+            if getattr(self, key) < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise UsageError("--lr must be positive")
+        try:
+            sizes = self.anchors()
+        except ValueError:
+            raise UsageError(f"--anchor-sizes: expected five integers like 32,64,128,256,512, got "
+                             f"{self.anchor_sizes!r}") from None
+        if len(sizes) != 5 or min(sizes) < 1:
+            raise UsageError(f"--anchor-sizes needs five positive sizes (P2-P6), got {self.anchor_sizes!r}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
+    d = DetectSettings()
     p = argparse.ArgumentParser(
         prog="python -m trainer.detect", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune Faster R-CNN / Mask R-CNN (ResNet-FPN) from an encoder on COCO-format data; "
@@ -408,28 +479,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                "coco/train2017 --train-ann coco/instances_train2017.json \\\n    --val-images coco/val2017 "
                "--val-ann coco/instances_val2017.json --out runs/det --epochs 4 \\\n    --min-size 256 "
                "--max-size 384 --anchor-sizes 16,32,64,128,256 --batch-size 4\n"
-               "--resume continues the run in --out with its own settings.")
-    p.add_argument("--encoder", help=f"the backbone's initialisation: {ckpt_io.ENCODER_SOURCE_HELP}")
+               "--resume continues the run in --out with its own settings (config.json); without a checkpoint "
+               "there yet, it starts the run.")
+    p.add_argument("--encoder", help=f"the backbone's initialisation: {ENCODER_SOURCE_HELP}")
     p.add_argument("--train-images", help="folder of training images (file_name in the annotations is relative to it)")
     p.add_argument("--train-ann", help="COCO instances JSON for the training images")
     p.add_argument("--val-images", help="folder of validation images")
     p.add_argument("--val-ann", help="COCO instances JSON for the validation images")
     p.add_argument("--out", required=True, help="run directory (must be new unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {d['epochs']})")
-    p.add_argument("--batch-size", type=int, help=f"images per step over all processes (default {d['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"SGD learning rate for that batch (default {d['lr']}); x0.1 at 2/3 and "
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"images per step over all processes (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"SGD learning rate for that batch (default {d.lr}); x0.1 at 2/3 and "
                    "8/9 of training")
-    p.add_argument("--weight-decay", type=float, help=f"(default {d['weight_decay']})")
+    p.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
     p.add_argument("--warmup-steps", type=int, help=f"linear LR warmup steps, at most a fifth of the run "
-                   f"(default {d['warmup_steps']})")
-    p.add_argument("--min-size", type=int, help=f"shorter image side fed to the network (default {d['min_size']})")
-    p.add_argument("--max-size", type=int, help=f"longer side cap (default {d['max_size']})")
-    p.add_argument("--anchor-sizes", help=f"five anchor sizes in pixels, P2-P6 (default {d['anchor_sizes']}); "
+                   f"(default {d.warmup_steps})")
+    p.add_argument("--min-size", type=int, help=f"shorter image side fed to the network (default {d.min_size})")
+    p.add_argument("--max-size", type=int, help=f"longer side cap (default {d.max_size})")
+    p.add_argument("--anchor-sizes", help=f"five anchor sizes in pixels, P2-P6 (default {d.anchor_sizes}); "
                    "scale them with --min-size")
     p.add_argument("--fpn-channels", type=int, help="FPN width (default: 256, or the last stage's width if narrower)")
-    p.add_argument("--head-size", type=int, help=f"box head MLP width (default {d['head_size']})")
-    p.add_argument("--rois-per-image", type=int, help=f"sampled RoIs per training image (default {d['rois_per_image']})")
+    p.add_argument("--head-size", type=int, help=f"box head MLP width (default {d.head_size})")
+    p.add_argument("--rois-per-image", type=int, help=f"sampled RoIs per training image (default {d.rois_per_image})")
     p.add_argument("--trainable-layers", type=int, choices=range(6), metavar="0-5",
                    help="how many ResNet stages to train, from layer4 down to conv1 (default: 3 for a pretrained "
                         "encoder, 5 for random)")
@@ -438,225 +510,236 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-masks", action="store_true", default=None,
                    help="train boxes only even when the annotations carry segmentations")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto)")
-    p.add_argument("--workers", type=int, help=f"data-loading processes (default {d['workers']})")
-    p.add_argument("--seed", type=int, help=f"(default {d['seed']})")
+    p.add_argument("--workers", type=int, help=f"data-loading processes (default {d.workers})")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
     p.add_argument("--eval-every", type=int, help="also evaluate every N epochs (default: at the end only)")
-    p.add_argument("--draw", type=int, help=f"validation photos to draw predictions on (default {d['draw']})")
-    p.add_argument("--draw-score", type=float, help=f"lowest score drawn (default {d['draw_score']}); ground-truth "
+    p.add_argument("--draw", type=int, help=f"validation photos to draw predictions on (default {d.draw})")
+    p.add_argument("--draw-score", type=float, help=f"lowest score drawn (default {d.draw_score}); ground-truth "
                    "boxes are drawn in white")
+    add_set_flag(p)
     p.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed, resumable) after this "
                    "many steps in this invocation, e.g. for time-sliced jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def resolve_settings(args: argparse.Namespace, saved: dict | None) -> dict:
-    """Defaults < the resumed run's settings < flags given now (which a resume may not change)."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if saved is not None:
-        check_resume_args(saved, given, FIXED_ON_RESUME)
-    settings = {**DEFAULTS, **(saved or {}), **given}
-    settings["no_masks"] = bool(settings.get("no_masks"))
-    for key in ("encoder", "train_images", "train_ann", "val_images", "val_ann"):
-        if not settings.get(key):
-            raise UsageError(f"--{key.replace('_', '-')} is required")
-    for key in ("epochs", "batch_size", "min_size", "max_size", "head_size", "rois_per_image"):
-        if settings[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least 1")
-    if settings["lr"] <= 0:
-        raise UsageError("--lr must be positive")
-    try:
-        sizes = tuple(int(s) for s in str(settings["anchor_sizes"]).split(","))
-    except ValueError:
-        raise UsageError(f"--anchor-sizes: expected five integers like 32,64,128,256,512, got "
-                         f"{settings['anchor_sizes']!r}") from None
-    if len(sizes) != 5 or min(sizes) < 1:
-        raise UsageError(f"--anchor-sizes needs five positive sizes (P2-P6), got {settings['anchor_sizes']!r}")
-    for key in ("resume", "out", "no_progress", "stop_after_steps"):
-        settings.pop(key, None)
-    return settings
+def resolve_settings(args: argparse.Namespace, saved: dict | None) -> DetectSettings:
+    """Defaults < the resumed run's settings < --set < flags given now (which a resume may not change)."""
+    s = settings.resolve(DetectSettings, saved, args.set, vars(args))
+    s.check()
+    return s
 
 
 # ============================================================================================
 # Training
 # ============================================================================================
-def log(dist: Dist, msg: str) -> None:
-    if dist.is_main:
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stderr)
+@dataclass
+class _Data:
+    """Both splits, checked, and the label mapping: contiguous label -> file category id (0 = background)."""
+    train: CocoSet
+    val: CocoSet
+    category_of: list[int]
+    names: list[str]
+
+    @property
+    def label_of(self) -> dict[int, int]:
+        return {cid: k for k, cid in enumerate(self.category_of) if k}
 
 
-def train(settings: dict, out: Path, resume_state: dict | None = None, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict:
-    s = settings
-    # ---- 1. processes, device, seeds ----------------------------------------------------------
-    device_type = resolve_device(s["device"])
-    dist = init_distributed(device_type)
-    device = dist.device
-    if s["batch_size"] % dist.world:
-        raise UsageError(f"--batch-size {s['batch_size']} must divide evenly over {dist.world} processes")
-    torch.manual_seed(s["seed"] + dist.rank)
-
-    # ---- 2. data, checked up front ------------------------------------------------------------
-    masks = "off" if s["no_masks"] else "auto"
-    train_set = load_coco(s["train_images"], s["train_ann"], masks, "train")
-    val_set = load_coco(s["val_images"], s["val_ann"], masks, "val")
+def _open_data(s: DetectSettings, dist: Dist) -> _Data:
+    masks = "off" if s.no_masks else "auto"
+    train_set = load_coco(s.train_images, s.train_ann, masks, "train")
+    val_set = load_coco(s.val_images, s.val_ann, masks, "val")
     check_categories(train_set, val_set)
     for split in (train_set, val_set):
         if split.clipped or split.skipped:
             log(dist, f"{split.name}: {split.clipped} box(es) clipped to their image, {split.skipped} skipped "
                       f"({', '.join(f'{n} {r}' for r, n in split.skipped_reasons.items()) or 'none'})")
-    category_of = [0] + [c["id"] for c in train_set.categories]  # contiguous label -> file id; 0 = background
-    label_of = {cid: k for k, cid in enumerate(category_of) if k}
-    names = ["background"] + [c["name"] for c in train_set.categories]
+    return _Data(train_set, val_set, [0] + [c["id"] for c in train_set.categories],
+                 ["background"] + [c["name"] for c in train_set.categories])
 
-    # ---- 3. model ------------------------------------------------------------------------------
-    encoder, info = ckpt_io.open_encoder(s["encoder"], seed=s["seed"])
-    kind = info["source"]
-    s.setdefault("trainable_layers", default_trainable_layers(kind))
-    s.setdefault("norm", default_norm(kind))
-    check_norm_for_device(s["norm"], dist, device_type)
-    model = build_detector(encoder, info, len(category_of), masks=train_set.has_masks,
-                           trainable_layers=s["trainable_layers"], norm=s["norm"], fpn_channels=s["fpn_channels"],
-                           min_size=s["min_size"], max_size=s["max_size"],
-                           anchor_sizes=tuple(int(v) for v in str(s["anchor_sizes"]).split(",")),
-                           head_size=s["head_size"], rois_per_image=s["rois_per_image"])
+
+def _build_model(s: DetectSettings, data: _Data, dist: Dist, device_type: str):
+    """The detector (trainable_layers and norm resolved by the encoder's kind) -> (model, encoder info)."""
+    encoder, info = open_encoder(s.encoder, seed=s.seed)
+    if s.trainable_layers is None:
+        s.trainable_layers = default_trainable_layers(info["source"])
+    if s.norm is None:
+        s.norm = default_norm(info["source"])
+    check_norm_for_device(s.norm, dist, device_type)
+    model = build_detector(encoder, info, len(data.category_of), masks=data.train.has_masks,
+                           trainable_layers=s.trainable_layers, norm=s.norm, fpn_channels=s.fpn_channels,
+                           min_size=s.min_size, max_size=s.max_size, anchor_sizes=s.anchors(),
+                           head_size=s.head_size, rois_per_image=s.rois_per_image)
+    return model, info
+
+
+class _Run:
+    """What one training invocation carries from step to step: the history, the counters, the stop."""
+
+    def __init__(self, start_step: int, history: list, skipped_images: int):
+        self.step, self.history, self.skipped_images = start_step, history, skipped_images
+        self.steps_this_run = 0
+
+
+def train(s: DetectSettings, out: Path, resume_state: dict | None = None, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict:
+    # ---- 1. processes, device, seeds ----------------------------------------------------------
+    device_type = resolve_device(s.device)
+    dist = init_distributed(device_type)
+    device = dist.device
+    if s.batch_size % dist.world:
+        raise UsageError(f"--batch-size {s.batch_size} must divide evenly over {dist.world} processes")
+    seed_process(s.seed, dist.rank)
+
+    # ---- 2. data, checked up front; 3. model ----------------------------------------------------
+    data = _open_data(s, dist)
+    model, info = _build_model(s, data, dist, device_type)
     # channels_last: on CPU the convolution backward of the default layout takes a path about ten
     # times slower (measured on this project's 2-core machine); on GPUs it suits the tensor cores
     model = model.to(device, memory_format=torch.channels_last)
-    task = "mask_rcnn" if train_set.has_masks else "faster_rcnn"
+    task = "mask_rcnn" if data.train.has_masks else "faster_rcnn"
 
     # ---- 4. optimiser and the per-step schedule -----------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=s["weight_decay"])
-    per_rank_batch = s["batch_size"] // dist.world
-    spe = steps_per_epoch(len(train_set), per_rank_batch, dist.world)
-    total_steps = s["epochs"] * spe
-    lr_at = warmup_multistep(s["lr"], total_steps, min(s["warmup_steps"], total_steps // 5))
+    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
+    per_rank_batch = s.batch_size // dist.world
+    spe = steps_per_epoch(len(data.train), per_rank_batch, dist.world)
+    total_steps = s.epochs * spe
+    lr_at = warmup_multistep(s.lr, total_steps, min(s.warmup_steps, total_steps // 5))
 
-    # ---- 5. resume -----------------------------------------------------------------------------
-    history, start_step, skipped_images = [], 0, 0
+    # ---- 5. resume, the run directory ------------------------------------------------------------
+    run = _Run(0, [], 0)
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         ckpt_io.set_rng_state(resume_state["rng"])
-        if dist.rank:
-            torch.manual_seed(s["seed"] + dist.rank + 7919 * int(resume_state["step"]))
-        start_step = int(resume_state["step"])
-        history = list(resume_state.get("history", []))
-        skipped_images = int(resume_state.get("skipped_images", 0))
-        log(dist, f"resumed {out} at step {start_step}/{total_steps}")
+        seed_process(s.seed, dist.rank, resumed_at=int(resume_state["step"]))
+        run = _Run(int(resume_state["step"]), list(resume_state.get("history", [])),
+                   int(resume_state.get("skipped_images", 0)))
+        log(dist, f"resumed {out} at step {run.step}/{total_steps}")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        settings.write_config(out, s)
     barrier(dist)
-    net = wrap_distributed(model, s["norm"], dist, device)
+    net = wrap_distributed(model, s.norm, dist, device)
 
-    def save(step: int):
+    def save():
         if dist.is_main:
-            ckpt_io.save_checkpoint(out, model=model, optimizer=optimizer, step=step, config=s,
-                                    extra={"history": history, "skipped_images": skipped_images, "task": task})
+            ckpt_io.save_checkpoint(out, model=model, optimizer=optimizer, step=run.step,
+                                    config=settings.to_dict(s),
+                                    extra={"history": run.history, "skipped_images": run.skipped_images,
+                                           "task": task})
 
-    loader_args = dict(collate_fn=collate, num_workers=s["workers"], persistent_workers=False,
-                       pin_memory=device.type == "cuda",  # pinned: the copies below do not block the host
-                       generator=torch.Generator().manual_seed(s["seed"]))  # keeps the global RNG untouched
-    dataset = DetectionDataset(train_set, label_of)
+    loader_args = {"collate_fn": collate, "num_workers": s.workers, "persistent_workers": False,
+                   "pin_memory": device.type == "cuda",  # pinned: the copies below do not block the host
+                   "generator": torch.Generator().manual_seed(s.seed)}  # keeps the global RNG untouched
+    dataset = DetectionDataset(data.train, data.label_of)
 
     # ---- 6. the training loop -----------------------------------------------------------------
-    stop = Stop()
-    stop.install()
-    bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
-    step, steps_this_run = start_step, 0
-    logged = DeferredMetrics()
     t_start = time.perf_counter()
-    metrics = {}
-    while step < total_steps:
-        epoch, skip = divmod(step, spe)
-        batches = epoch_batches(len(dataset), per_rank_batch, s["seed"], epoch, dist.rank, dist.world)[skip:]
-        loader = DataLoader(dataset, batch_sampler=batches, **loader_args)
-        model.train()
-        # the losses stay on the device; the host reads them one log interval late (DeferredMetrics),
-        # or once at the epoch's end: no synchronisation per step
-        sums, n_losses, t_epoch = {}, 0, time.perf_counter()
-        nonfinite = torch.zeros((), device=device)
-        for items, unreadable in loader:
-            skipped_images += unreadable
-            flips = torch.rand(len(items), generator=torch.Generator().manual_seed(s["seed"] * 1_000_003 + step))
-            images, targets = [], []
-            for (image, target), f in zip(items, flips.tolist()):
-                image = image.to(device, non_blocking=True)
-                target = {k: v.to(device, non_blocking=True) for k, v in target.items() if torch.is_tensor(v)}
-                if f < 0.5:
-                    image, target = hflip(image, target)
-                images.append(image.float().div_(255))
-                targets.append(target)
-            for g in optimizer.param_groups:
-                g["lr"] = float(lr_at[step])
-            if images:
-                loss_dict = net(images, targets)
-                loss = sum(loss_dict.values())
-                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for k, v in loss_dict.items():
-                    sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
-                n_losses += 1
-            step += 1
-            steps_this_run += 1
+    with Stop() as stop:
+        bar = progress_bar(total_steps, run.step, progress and dist.is_main, desc="detect")
+        while run.step < total_steps:
+            epoch, skip = divmod(run.step, spe)
+            batches = epoch_batches(len(dataset), per_rank_batch, s.seed, epoch, dist.rank, dist.world)[skip:]
+            loader = DataLoader(dataset, batch_sampler=batches, **loader_args)
+            t_epoch = time.perf_counter()
+            sums, n_losses = _train_epoch(net, optimizer, loader, lr_at, s, run, bar, dist, device, epoch,
+                                          stop, stop_after_steps)
+            if run.step % spe == 0:  # the epoch is complete
+                record = _epoch_record(epoch, run.step, float(lr_at[run.step - 1]), sums, n_losses, skip, t_epoch)
+                if s.eval_every and (epoch + 1) % s.eval_every == 0 and run.step < total_steps:
+                    record.update(_flat(evaluate(model, data.val, data.category_of, device, dist, progress)))
+                run.history.append(record)
+            save()
             if dist.is_main:
-                bar.update(1)
-            if images and step % LOG_EVERY == 0:
-                _check_losses(logged.pop(), s, bar, dist, epoch)
-                logged.push({"step": step}, loss=loss.detach(), nonfinite=nonfinite)
-            if stop.requested or (stop_after_steps and steps_this_run >= stop_after_steps):
-                break
-        _check_losses(logged.pop(), s, bar, dist, epoch)
-        if float(nonfinite):  # once per epoch, before anything is saved
-            raise TrainingError(f"the loss became non-finite by step {step}: lower --lr (now {s['lr']}) "
-                                f"or raise --warmup-steps")
-        sums = {k: float(v) for k, v in sums.items()}
-        epoch_done = step % spe == 0
-        if epoch_done:
-            record = {"epoch": epoch + 1, "step": step, "lr": float(lr_at[step - 1]),
-                      "loss": sum(sums.values()) / max(n_losses, 1) if skip == 0 else None,
-                      "loss_parts": {k: v / max(n_losses, 1) for k, v in sums.items()} if skip == 0 else None,
-                      "seconds": time.perf_counter() - t_epoch}
-            if skip:  # a resumed partial epoch: its mean loss would cover only part of it
-                record["loss_partial"] = sum(sums.values()) / max(n_losses, 1)
-            if s.get("eval_every") and (epoch + 1) % s["eval_every"] == 0 and step < total_steps:
-                record.update(_flat(evaluate(model, val_set, category_of, device, dist, progress)))
-            history.append(record)
-        save(step)
-        if dist.is_main:
-            write_json(out / "metrics.json", _metrics_doc(s, info, task, history, {}, train_set, val_set,
-                                                          skipped_images, done=False))
-        if stop.requested or (stop_after_steps and steps_this_run >= stop_after_steps and step < total_steps):
-            bar.close()
-            log(dist, f"stopped at step {step}/{total_steps}; checkpoint written, continue with --resume")
-            shutdown(dist)
-            return {"stopped_at_step": step, "total_steps": total_steps}
-    bar.close()
+                write_json(out / "metrics.json", _metrics_doc(s, info, task, run, {}, data, done=False))
+            stopped = stop_after_steps and run.steps_this_run >= stop_after_steps and run.step < total_steps
+            if stop.requested or stopped:
+                bar.close()
+                log(dist, f"stopped at step {run.step}/{total_steps}; checkpoint written, continue with --resume")
+                shutdown(dist)
+                return {"stopped_at_step": run.step, "total_steps": total_steps}
+        bar.close()
 
     # ---- 7. final evaluation, drawings, summary ------------------------------------------------
-    metrics = evaluate(model, val_set, category_of, device, dist, progress)
+    metrics = evaluate(model, data.val, data.category_of, device, dist, progress)
     if dist.is_main:
-        _draw(model, val_set, names, out / "predictions", s["draw"], s["draw_score"], device)
-        doc = _metrics_doc(s, info, task, history, metrics, train_set, val_set, skipped_images, done=True)
+        _draw(model, data.val, data.names, out / "predictions", s.draw, s.draw_score, device)
+        doc = _metrics_doc(s, info, task, run, metrics, data, done=True)
         doc["train_seconds_this_invocation"] = time.perf_counter() - t_start
         write_json(out / "metrics.json", doc)
     barrier(dist)
     shutdown(dist)
-    summary = {"task": task, "encoder": s["encoder"], "backbone_init": kind, "epochs": s["epochs"],
-               "steps": total_steps, **_flat(metrics)}
-    return summary
+    return {"task": task, "encoder": s.encoder, "backbone_init": info["source"], "epochs": s.epochs,
+            "steps": total_steps, **_flat(metrics)}
 
 
-def _check_losses(record: dict | None, s: dict, bar, dist: Dist, epoch: int) -> None:
+def _train_epoch(net, optimizer, loader, lr_at, s: DetectSettings, run: _Run, bar, dist: Dist, device, epoch: int,
+                 stop: Stop, stop_after_steps: int | None) -> tuple[dict, int]:
+    """One epoch (or the rest of one) -> (summed loss parts, number of losses). The losses stay on the
+    device; the host reads them one log interval late (DeferredMetrics), or at the epoch's end."""
+    net.train()
+    sums, n_losses = {}, 0
+    logged = DeferredMetrics()
+    nonfinite = torch.zeros((), device=device)
+    for items, unreadable in loader:
+        run.skipped_images += unreadable
+        flips = torch.rand(len(items), generator=torch.Generator().manual_seed(s.seed * 1_000_003 + run.step))
+        images, targets = [], []
+        for (image, target), f in zip(items, flips.tolist()):
+            image = image.to(device, non_blocking=True)
+            target = {k: v.to(device, non_blocking=True) for k, v in target.items() if torch.is_tensor(v)}
+            if f < 0.5:
+                image, target = hflip(image, target)
+            images.append(image.float().div_(255))
+            targets.append(target)
+        for g in optimizer.param_groups:
+            g["lr"] = float(lr_at[run.step])
+        if images:
+            loss_dict = net(images, targets)
+            loss = sum(loss_dict.values())
+            nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in loss_dict.items():
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+            n_losses += 1
+        run.step += 1
+        run.steps_this_run += 1
+        if dist.is_main:
+            bar.update(1)
+        if images and run.step % LOG_EVERY == 0:
+            _check_losses(logged.pop(), s.lr, bar, dist, epoch)
+            logged.push({"step": run.step}, loss=loss.detach(), nonfinite=nonfinite)
+        if stop.requested or (stop_after_steps and run.steps_this_run >= stop_after_steps):
+            break
+    _check_losses(logged.pop(), s.lr, bar, dist, epoch)
+    if float(nonfinite):  # once per epoch, before anything is saved
+        raise TrainingError(f"the loss became non-finite by step {run.step}: lower --lr (now {s.lr}) "
+                            f"or raise --warmup-steps")
+    return {k: float(v) for k, v in sums.items()}, n_losses
+
+
+def _epoch_record(epoch: int, step: int, lr: float, sums: dict, n_losses: int, skip: int, t_epoch: float) -> dict:
+    """The history entry of a finished epoch; a resumed partial epoch's mean loss covers only part of it."""
+    mean = sum(sums.values()) / max(n_losses, 1)
+    record = {"epoch": epoch + 1, "step": step, "lr": lr, "loss": mean if skip == 0 else None,
+              "loss_parts": {k: v / max(n_losses, 1) for k, v in sums.items()} if skip == 0 else None,
+              "seconds": time.perf_counter() - t_epoch}
+    if skip:
+        record["loss_partial"] = mean
+    return record
+
+
+def _check_losses(record: dict | None, lr: float, bar, dist: Dist, epoch: int) -> None:
     """A loss record queued one log interval ago: stop on a non-finite loss, else show it."""
     if record is None:
         return
     if record["nonfinite"]:
-        raise TrainingError(f"the loss became non-finite by step {record['step']}: lower --lr (now {s['lr']}) "
+        raise TrainingError(f"the loss became non-finite by step {record['step']}: lower --lr (now {lr}) "
                             f"or raise --warmup-steps")
     if dist.is_main:
         bar.set_postfix(loss=f"{record['loss']:.3f}", epoch=epoch + 1)
@@ -667,17 +750,18 @@ def _flat(metrics: dict) -> dict:
     return {f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()}
 
 
-def _metrics_doc(s, info, task, history, metrics, train_set, val_set, skipped_images, done) -> dict:
+def _metrics_doc(s: DetectSettings, info: dict, task: str, run: _Run, metrics: dict, data: _Data, done: bool) -> dict:
+    train_set, val_set = data.train, data.val
     return {"task": task, "complete": done, **metrics,
-            "encoder": {"spec": s["encoder"], "source": info["source"], "arch": info["arch"], "stem": info["stem"],
+            "encoder": {"spec": s.encoder, "source": info["source"], "arch": info["arch"], "stem": info["stem"],
                         "fingerprint": info["fingerprint"]},
-            "settings": s, "epochs": history,
+            "settings": settings.to_dict(s), "epochs": run.history,
             "data": {"train_images": len(train_set), "val_images": len(val_set),
                      "train_boxes": int(sum(len(b) for b in train_set.boxes)),
                      "val_boxes": int(sum(len(b) for b in val_set.boxes)),
                      "boxes_clipped": {"train": train_set.clipped, "val": val_set.clipped},
                      "boxes_skipped": {"train": train_set.skipped, "val": val_set.skipped},
-                     "unreadable_train_images_skipped": skipped_images}}
+                     "unreadable_train_images_skipped": run.skipped_images}}
 
 
 @torch.no_grad()
@@ -727,34 +811,14 @@ def _draw(model, coco: CocoSet, names: list[str], folder: Path, count: int, min_
                          ground_truth=torch.from_numpy(coco.boxes[i]))
 
 
-def _progress_bar(total: int, start: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="detect", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
 # ============================================================================================
+@cli_main
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
-    try:
-        state = None
-        if args.resume and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-            state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
-        elif args.resume:
-            print(f"--resume: no checkpoint in {out} yet, starting from scratch", file=sys.stderr)
-        elif (out / ckpt_io.CHECKPOINT_NAME).exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-        settings = resolve_settings(args, state["config"] if state else None)
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            summary = train(settings, out, resume_state=state, progress=not args.no_progress,
-                            stop_after_steps=args.stop_after_steps)
-        finally:  # train() catches Ctrl-C to checkpoint; give it back to the caller afterwards
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-    except (UsageError, DataError, TrainingError, ckpt_io.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    state = open_run(out, args.resume)
+    summary = train(resolve_settings(args, state["config"] if state else None), out, resume_state=state,
+                    progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary line, from the main process
         print(json.dumps(summary))
     return 0

@@ -31,9 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +42,29 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
+
 from .. import checkpoint as ckpt_io
-from ..distributed import Dist, all_gather_objects, all_reduce, all_reduce_mean, barrier, init_distributed, shutdown
+from .. import settings
+from ..distributed import Dist, all_gather_objects, all_reduce, barrier, shutdown
+from ..optim import poly_schedule
+from ..runtime import UsageError, cli_main, log
+from ..settings import add_set_flag
+from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
+    DenseSettings,
+    EpochLoop,
+    RunState,
     add_legend,
     dilate_resnet,
-    epoch_indices,
-    open_run,
+    finetune_main,
     palette,
     sample_rng,
     save_run,
     side_by_side,
+    start_processes,
     write_json,
 )
-from ..optim import poly_schedule
-from ..runtime import UsageError, resolve_device
-from ..preprocess import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_rgb, resize_shorter_side
-from ..pretrain import Stop, log
 
 
 # ============================================================================================
@@ -79,7 +85,7 @@ def open_backbone(spec: str | None, seed: int, saved: dict | None = None, dilate
         encoder, _ = build_encoder(saved["arch"], saved["stem"])
         info = saved
     else:
-        encoder, raw = ckpt_io.open_encoder(spec, seed)
+        encoder, raw = open_encoder(spec, seed)
         info = backbone_info(raw)
     return dilate_resnet(encoder, dilate), info
 
@@ -371,162 +377,94 @@ def draw_predictions(out_dir: Path, dataset: EvalSet, predictions: dict, classes
 # ============================================================================================
 # Training
 # ============================================================================================
-def train(cfg: dict, out: Path, state: dict | None = None, progress: bool = True) -> dict | None:
+def train(cfg: SegmentSettings, out: Path, state: dict | None = None, progress: bool = True) -> dict | None:
     """Fine-tune and evaluate; returns the summary in the main process (None in the others)."""
-    # ---- 1. processes, device, seeds ------------------------------------------------------------
-    device_type = resolve_device(cfg["device"])
-    dist = init_distributed(device_type)
+    # ---- 1. processes, device, seeds; 2. backbone (a bad encoder source fails before the data scan)
+    dist, device_type = start_processes(cfg)
     device = dist.device
-    if cfg["batch_size"] % dist.world or cfg["batch_size"] // dist.world < 2:
-        raise UsageError(f"--batch-size {cfg['batch_size']} must split evenly over {dist.world} process(es), "
-                         "at least 2 images each (BatchNorm)")
-    torch.manual_seed(cfg["seed"])  # the head starts the same in every process
-    if device_type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # ---- 2. backbone (a bad encoder source fails before the data scan) -----------------------------
-    backbone, info = open_backbone(cfg.get("encoder"), cfg["seed"], saved=state and state["config"]["backbone"])
-    cfg["backbone"] = info
+    backbone, info = open_backbone(cfg.encoder, cfg.seed, saved=state and state["config"]["backbone"])
+    cfg.backbone = info
     pre = Preprocessing.from_dict(info["preprocessing"])
 
     # ---- 3. classes and data, checked before anything trains --------------------------------------
-    classes = Classes.from_dict(cfg["classes"])
-    train_pairs, train_unmasked = scan_pairs(cfg["train_images"], cfg["train_masks"], classes, "train",
-                                             progress and dist.is_main)
-    val_pairs, val_unmasked = scan_pairs(cfg["val_images"], cfg["val_masks"], classes, "val",
-                                         progress and dist.is_main)
+    classes = Classes.from_dict(cfg.classes)
+    show = progress and dist.is_main
+    train_pairs, train_unmasked = scan_pairs(cfg.train_images, cfg.train_masks, classes, "train", show)
+    val_pairs, val_unmasked = scan_pairs(cfg.val_images, cfg.val_masks, classes, "val", show)
     if train_unmasked or val_unmasked:
         log(dist, f"skipped photos without a mask: {train_unmasked} train, {val_unmasked} val")
-    steps_per_epoch = len(train_pairs) // cfg["batch_size"]
+    steps_per_epoch = len(train_pairs) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_pairs)} training pair(s) do not fill one batch of {cfg['batch_size']}; "
+        raise UsageError(f"{len(train_pairs)} training pair(s) do not fill one batch of {cfg.batch_size}; "
                          "lower --batch-size")
-    train_set = TrainSet(train_pairs, classes, cfg["base_size"], cfg["crop_size"], cfg["seed"])
-    val_set = EvalSet(val_pairs, classes, cfg["base_size"])
+    train_set = TrainSet(train_pairs, classes, cfg.base_size, cfg.crop_size, cfg.seed)
+    val_set = EvalSet(val_pairs, classes, cfg.base_size)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank,
-                                                  shuffle=True, seed=cfg["seed"], drop_last=True)
-    per_process = cfg["batch_size"] // dist.world
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    per_process = cfg.batch_size // dist.world
 
-    # ---- 4. network ----------------------------------------------------------------------------
-    model = build_model(backbone, info, cfg["head"], len(classes))
+    # ---- 4. network, optimiser, schedule (precomputed per step) -----------------------------------
+    net = build_model(backbone, info, cfg.head, len(classes))
     if dist.enabled and device_type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    net = model
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    model = net
     if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device_type == "cuda" else None)
-
-    # ---- 5. optimiser and schedule (precomputed per step) ---------------------------------------
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device_type == "cuda" else None)
     params = [{"params": [p for p in net.backbone.parameters() if p.requires_grad]},
               {"params": [p for p in net.classifier.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
-    total_steps = cfg["epochs"] * steps_per_epoch
-    lr_at = poly_schedule(cfg["lr"], total_steps).tolist()
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    lr_at = poly_schedule(cfg.lr, cfg.epochs * steps_per_epoch).tolist()
 
-    # ---- 6. resume ------------------------------------------------------------------------------
-    epoch, position, history = 0, 0, []
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt_io.set_rng_state(state["rng"])
-        epoch, position, history = int(state["epoch"]), int(state["position"]), list(state["history"])
-        log(dist, f"resumed {out} at epoch {epoch + 1}, batch {position // per_process + 1}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(dist)
-    step = epoch * steps_per_epoch + position // per_process
+    # ---- 5. resume, the run directory ---------------------------------------------------------------
+    at = RunState.start(out, cfg, state, net, optimizer, per_process, steps_per_epoch, dist)
 
-    def save(epoch_: int, position_: int):
+    def save(epoch: int, position: int):
         if dist.is_main:
-            save_run(out, model=net, optimizer=optimizer, epoch=epoch_, position=position_,
-                     step=epoch_ * steps_per_epoch + position_ // per_process, config=cfg, history=history)
+            save_run(out, model=net, optimizer=optimizer, epoch=epoch, position=position,
+                     step=epoch * steps_per_epoch + position // per_process, config=cfg, history=at.history)
 
-    def write_metrics(final: dict | None = None):
+    def loss_of(batch):
+        photos, targets = batch
+        x = pre.normalize_tensor(photos.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        logits = model(x)["out"]
+        valid = (targets >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / valid, 0
+
+    def end_epoch(record: dict, last: bool):
+        if last or (cfg.eval_every and record["epoch"] % cfg.eval_every == 0):
+            t_eval = time.perf_counter()
+            confusion, kept = evaluate(net, val_set, pre, len(classes), device, dist, keep=cfg.draw if last else 0,
+                                       workers=cfg.workers, progress=show)
+            record.update(segmentation_scores(confusion, classes.names))
+            if last and cfg.draw:
+                kept = _gather_kept(kept, dist)  # each image was scored by one process
+                if dist.is_main:
+                    draw_predictions(out / "predictions", val_set, kept, classes)
+            record["eval_seconds"] = time.perf_counter() - t_eval
+            log(dist, f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, mIoU {record['mean_iou']:.4f}, "
+                      f"pixel accuracy {record['pixel_accuracy']:.4f}")
+        at.history.append(record)
+        save(record["epoch"], 0)
         if dist.is_main:
             write_json(out / "metrics.json", {
-                "task": "segment", "encoder": cfg.get("encoder"), "backbone": info, "head": cfg["head"],
+                "task": "segment", "encoder": cfg.encoder, "backbone": info, "head": cfg.head,
                 "classes": classes.names, "ignore_index": classes.ignore_index,
                 "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
                 "skipped_without_mask": {"train": train_unmasked, "val": val_unmasked},
                 "mean_iou_note": "mean over classes present in val ground truth or predictions",
-                "history": history, "final": final})
+                "history": at.history, "final": record if last else None})
 
-    # ---- 7. the training loop --------------------------------------------------------------------
-    from tqdm import tqdm
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stop = Stop()
-    stop.install()
-    bar = tqdm(total=total_steps, initial=step, desc="segment", unit="step", disable=not (progress and dist.is_main),
-               dynamic_ncols=True)
-    loss_value = float("nan")
-    trained_before = history[-1]["train_seconds"] if history else 0.0  # resumed: time already spent
-    t_start, eval_seconds = time.perf_counter(), 0.0
-    model.train()
-    while epoch < cfg["epochs"] and not stop.requested:
-        train_set.epoch = epoch
-        order = epoch_indices(sampler, epoch, position)
-        # the loader's own generator: creating it must not draw from the global RNG (dropout's), or a
-        # run resumed mid-epoch would drift from the uninterrupted one
-        loader = torch.utils.data.DataLoader(train_set, batch_size=per_process, sampler=order, drop_last=True,
-                                             num_workers=cfg["workers"], pin_memory=device_type == "cuda",
-                                             generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        loss_sum = torch.zeros((), device=device)
-        batches = 0
-        for photos, targets in loader:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at[step]
-            x = pre.normalize_tensor(photos.to(device, non_blocking=True))
-            targets = targets.to(device, non_blocking=True)
-            logits = model(x)["out"]
-            valid = (targets >= 0).sum().clamp(min=1)
-            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / valid
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            batches += 1
-            step += 1
-            position += per_process
-            bar.update(1)
-            if step % 5 == 0 or batches == len(loader):
-                loss_value = loss.item()
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_at[step - 1]:.3g}", epoch=epoch + 1)
-            if stop.requested:
-                break
-        if stop.requested:
-            save(epoch, position)
-            log(dist, f"\nstopped in epoch {epoch + 1} at step {step}; checkpoint written, continue with --resume")
-            break
-        epoch, position = epoch + 1, 0
-        mean_loss = all_reduce_mean(loss_sum / max(batches, 1), dist).item()
-        record = {"epoch": epoch, "step": step, "lr": lr_at[step - 1], "train_loss": mean_loss,
-                  "train_seconds": trained_before + time.perf_counter() - t_start - eval_seconds}
-        last = epoch == cfg["epochs"]
-        if last or (cfg["eval_every"] and epoch % cfg["eval_every"] == 0):
-            t_eval = time.perf_counter()
-            confusion, kept = evaluate(net, val_set, pre, len(classes), device, dist,
-                                       keep=cfg["draw"] if last else 0, workers=cfg["workers"],
-                                       progress=progress and dist.is_main)
-            record.update(segmentation_scores(confusion, classes.names))
-            if last and cfg["draw"]:
-                kept = _gather_kept(kept, dist)  # each image was scored by one process
-                if dist.is_main:
-                    draw_predictions(out / "predictions", val_set, kept, classes)
-            eval_seconds += time.perf_counter() - t_eval
-            record["eval_seconds"] = time.perf_counter() - t_eval
-            log(dist, f"epoch {epoch}: loss {record['train_loss']:.4f}, mIoU {record['mean_iou']:.4f}, "
-                      f"pixel accuracy {record['pixel_accuracy']:.4f}")
-        history.append(record)
-        save(epoch, 0)
-        write_metrics(history[-1] if last else None)
-    bar.close()
-    for sig, handler in handlers.items():  # a caller's own handlers again (tests, notebooks)
-        signal.signal(sig, handler)
-
-    final = history[-1] if history and history[-1]["epoch"] == cfg["epochs"] else None
-    summary = {"run": str(out), "epochs": epoch, "steps": step, "stopped": bool(stop.requested),
-               "world_size": dist.world,
-               **({k: final[k] for k in ("mean_iou", "pixel_accuracy", "classes_scored", "train_loss")} if final else {})}
+    # ---- 6. the training loop ------------------------------------------------------------------------
+    loop = EpochLoop(model=model, optimizer=optimizer, train_set=train_set, sampler=sampler, lr_at=lr_at,
+                     per_process=per_process, epochs=cfg.epochs, workers=cfg.workers, seed=cfg.seed, dist=dist,
+                     device=device, desc="segment", show=show)
+    stopped = loop.run(at, loss_of, end_epoch, save)
+    final = at.history[-1] if at.history and at.history[-1]["epoch"] == cfg.epochs else None
+    summary = {"run": str(out), "epochs": at.epoch, "steps": at.step, "stopped": stopped, "world_size": dist.world,
+               **({k: final[k] for k in ("mean_iou", "pixel_accuracy", "classes_scored", "train_loss")}
+                  if final else {})}
     barrier(dist)
     shutdown(dist)
     return summary if dist.is_main else None
@@ -540,15 +478,44 @@ def _gather_kept(kept: dict, dist: Dist) -> dict:
 
 
 # ============================================================================================
-# Command line
+# Settings and command line
 # ============================================================================================
-DEFAULTS = {"head": "deeplabv3", "epochs": 30, "batch_size": 8, "lr": 0.02, "weight_decay": 1e-4,
-            "base_size": 520, "crop_size": 480, "device": "auto", "workers": 2, "seed": 0, "draw": 4,
-            "eval_every": 1}
 DATA_FLAGS = ("train_images", "train_masks", "val_images", "val_masks")
 
 
+@dataclass
+class SegmentSettings(DenseSettings):
+    """Every setting of a segmentation run (config.json; `--set name=value` reaches each by name)."""
+    task: str = "segment"
+    train_images: str | None = None   # absolute paths
+    train_masks: str | None = None
+    val_images: str | None = None
+    val_masks: str | None = None
+    classes_file: str | None = None
+    ignore_index: int | None = None   # None: the classes file's
+    classes: dict | None = None       # read from the classes file when the run starts
+    head: str = "deeplabv3"
+    epochs: int = 30
+    lr: float = 0.02
+    base_size: int = 520
+    crop_size: int = 480
+
+    def absolute_paths(self) -> None:
+        for key in (*DATA_FLAGS, "classes_file"):
+            if getattr(self, key):
+                setattr(self, key, str(Path(getattr(self, key)).resolve()))
+
+    def check(self) -> None:
+        missing = [f for f in ("encoder", "classes_file", *DATA_FLAGS) if getattr(self, f) is None]
+        if missing:
+            raise UsageError(f"missing {', '.join('--' + f.replace('_file', '').replace('_', '-') for f in missing)}")
+        if self.head not in HEADS:
+            raise UsageError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        self.check_ranges(crop_size=16)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    d = SegmentSettings()
     p = argparse.ArgumentParser(
         prog="python -m trainer.segment", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a BYOL encoder for semantic segmentation (torchvision FCN or DeepLabV3 head) "
@@ -556,93 +523,54 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="Masks: single-channel PNGs named like their photo (photo.jpg -> photo.png) holding class ids.\n"
                "Classes file: JSON {\"ignore_index\": 0, \"classes\": {\"1\": \"person\", ...}} or [\"name\", ...].\n"
                "Mean IoU: over the classes present in the validation ground truth or predictions.\n"
-               "RUN/: checkpoint.pt, metrics.json, predictions/*.jpg (prediction | ground truth).\n"
+               "RUN/: config.json, checkpoint.pt, metrics.json, predictions/*.jpg (prediction | ground truth).\n"
                "Several GPUs: torchrun --nproc_per_node N -m trainer.segment ...")
-    p.add_argument("--encoder", help=f"backbone: {ckpt_io.ENCODER_SOURCE_HELP}")
+    p.add_argument("--encoder", help=f"backbone: {ENCODER_SOURCE_HELP}")
     p.add_argument("--train-images", help="folder of training photos")
     p.add_argument("--train-masks", help="folder of training masks (photos without one are skipped)")
     p.add_argument("--val-images", help="folder of validation photos")
     p.add_argument("--val-masks", help="folder of validation masks")
-    p.add_argument("--classes", help="classes file (JSON), see below")
+    p.add_argument("--classes", dest="classes_file", help="classes file (JSON), see below")
     p.add_argument("--out", required=True, help="run directory (new, unless --resume)")
     p.add_argument("--ignore-index", type=int, help="mask value that counts for nothing "
                    "(default: the classes file's ignore_index, else none)")
-    p.add_argument("--head", choices=HEADS, help=f"segmentation head (default {DEFAULTS['head']})")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {DEFAULTS['epochs']})")
-    p.add_argument("--batch-size", type=int, help=f"global batch size (default {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate, decayed by poly(0.9) per step (default {DEFAULTS['lr']})")
-    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {DEFAULTS['weight_decay']})")
+    p.add_argument("--head", choices=HEADS, help=f"segmentation head (default {d.head})")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, decayed by poly(0.9) per step (default {d.lr})")
+    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
     p.add_argument("--base-size", type=int, help="shorter side for evaluation; training resizes it to 0.5-2x "
-                   f"this (default {DEFAULTS['base_size']})")
-    p.add_argument("--crop-size", type=int, help=f"square training crop (default {DEFAULTS['crop_size']})")
+                   f"this (default {d.base_size})")
+    p.add_argument("--crop-size", type=int, help=f"square training crop (default {d.crop_size})")
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs, 0 = only after the last "
-                   f"(default {DEFAULTS['eval_every']})")
+                   f"(default {d.eval_every})")
     p.add_argument("--draw", type=int, help="validation images drawn into RUN/predictions after the last epoch "
-                   f"(default {DEFAULTS['draw']})")
+                   f"(default {d.draw})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
-    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {DEFAULTS['workers']})")
-    p.add_argument("--seed", type=int, help=f"default {DEFAULTS['seed']}")
+    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {d.workers})")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    add_set_flag(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new total)")
+                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new "
+                   "total)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def resolve_config(args, saved: dict | None) -> dict:
-    """A new run: defaults + flags. A resumed run: its own settings; only --epochs, --workers,
+def resolve_settings(args: argparse.Namespace, saved: dict | None) -> SegmentSettings:
+    """A new run: defaults, --set, flags. A resumed run: its own settings; only --epochs, --workers,
     --device, --eval-every and --draw may change."""
-    if saved is not None:
-        cfg = dict(saved)
-        for flag in ("epochs", "workers", "device", "eval_every", "draw"):
-            if getattr(args, flag) is not None:
-                cfg[flag] = getattr(args, flag)
-        fixed = [f for f in ("encoder", "head", "batch_size", "lr", "crop_size", "base_size", "seed", "weight_decay")
-                 if getattr(args, f) is not None and getattr(args, f) != saved[f]]
-        fixed += [f for f in (*DATA_FLAGS, "classes")
-                  if getattr(args, f) is not None and str(Path(getattr(args, f)).resolve()) != saved[_file_key(f)]]
-        if args.ignore_index is not None and args.ignore_index != saved["classes"]["ignore_index"]:
-            fixed.append("ignore_index")
-        if fixed:
-            raise UsageError(f"cannot change {', '.join('--' + f.replace('_', '-') for f in fixed)} of a resumed run")
-        return cfg
-    missing = [f for f in ("encoder", "classes", *DATA_FLAGS) if getattr(args, f) is None]
-    if missing:
-        raise UsageError(f"missing {', '.join('--' + f.replace('_', '-') for f in missing)}")
-    cfg = {"task": "segment", "encoder": args.encoder}
-    for key, default in DEFAULTS.items():
-        value = getattr(args, key)
-        cfg[key] = default if value is None else value
-    for f in DATA_FLAGS:
-        cfg[f] = str(Path(getattr(args, f)).resolve())
-    cfg["classes"] = Classes.load(args.classes, args.ignore_index).to_dict()
-    cfg["classes_file"] = str(Path(args.classes).resolve())
-    checks = [("epochs", 1), ("batch_size", 2), ("crop_size", 16), ("base_size", 16), ("workers", 0), ("draw", 0),
-              ("eval_every", 0)]
-    for key, low in checks:
-        if cfg[key] < low:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least {low}")
-    if not cfg["lr"] > 0:
-        raise UsageError("--lr must be positive")
-    return cfg
+    s = settings.resolve(SegmentSettings, saved, args.set, vars(args), prepare=SegmentSettings.absolute_paths)
+    s.check()
+    if s.classes is None:
+        s.classes = Classes.load(s.classes_file, s.ignore_index).to_dict()
+        s.ignore_index = s.classes["ignore_index"]
+    return s
 
 
-def _file_key(flag: str) -> str:
-    return "classes_file" if flag == "classes" else flag
-
-
+@cli_main(errors=(ImageDecodeError,))
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    try:
-        state = open_run(out, "segment", args.resume)
-        cfg = resolve_config(args, state["config"] if state else None)
-        summary = train(cfg, out, state, progress=not args.no_progress)
-    except (UsageError, ckpt_io.CheckpointError, ImageDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if summary is not None:
-        print(json.dumps(summary))
-    return 0
+    return finetune_main(argv, get_args_parser(), "segment", resolve_settings, train)
 
 
 if __name__ == "__main__":

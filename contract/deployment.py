@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from trainer.preprocess import Preprocessing
+from .preprocess import Preprocessing
 
 DEFAULT_MODEL_NAME = "byol_encoder"
 

@@ -19,7 +19,6 @@ import io
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,7 +32,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
-ImageSource = Union[str, Path, bytes, Image.Image]
+ImageSource = str | Path | bytes | Image.Image
 
 
 class ImageDecodeError(ValueError):
@@ -57,9 +56,9 @@ class Preprocessing:
             raise ValueError(f"interpolation must be one of {sorted(_PIL_INTERPOLATION)}")
 
     @classmethod
-    def for_image_size(cls, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "Preprocessing":
+    def for_image_size(cls, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Preprocessing:
         """The usual evaluation crop: 224 from 256 (ratio 0.875); small images are used whole."""
-        resize = input_size if input_size <= 96 else int(round(input_size / 0.875))
+        resize = input_size if input_size <= 96 else round(input_size / 0.875)
         return cls(input_size, resize, tuple(mean), tuple(std))
 
     def to_dict(self) -> dict:
@@ -68,7 +67,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(int(d["input_size"]), int(d["resize_size"]), tuple(float(v) for v in d["mean"]),
                    tuple(float(v) for v in d["std"]), d.get("interpolation", "bilinear"))
 
@@ -141,7 +140,8 @@ def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     else:
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
         try:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+            # closed by the `with fp` below
+            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")  # noqa: SIM115
         except OSError as e:
             raise ImageDecodeError(f"cannot open image {name}: {e.strerror or e}") from None
         if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
@@ -163,6 +163,6 @@ def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageDecodeError(f"not a readable image: {name} ({type(e).__name__}: {e})") from None
     try:
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block should not cost the image itself
+    except Exception:  # noqa: BLE001, S110 - a malformed EXIF block (any error) should not cost the image itself
         pass
     return image if image.mode == "RGB" else image.convert("RGB")
