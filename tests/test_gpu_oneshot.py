@@ -35,7 +35,7 @@ def cifar_like_zip(path: Path, per_class: int, seed: int) -> None:
 
 def test_oneshot_tiny_rehearsal_without_the_installed_package(tmp_path):
     tree = tmp_path / "tree"  # no ../shared beside it
-    for folder in ("trainer", "export", "serving", "benchmarks"):
+    for folder in ("contract", "trainer", "export", "serving", "benchmarks"):
         shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "data", "results"))
     data = tree / "benchmarks" / "data" / "cifar10-subset"  # where the script looks by default
     data.mkdir(parents=True)
