@@ -4,7 +4,9 @@ Needs the `app` extra: pip install -e '.[app]'.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import sys
 
 MAX_UPLOAD_BYTES = 25 * 2**20  # the largest file a visitor of the page may upload (a large photo is a few MB)
 
@@ -26,3 +28,12 @@ def missing(*modules: str) -> str | None:
     extras = ",".join(sorted({"scale" if m in SCALE else "app" for m in absent}))
     return (f"missing {', '.join(NEEDS.get(m, m) for m in absent)}: install the {extras} extra, "
             f"pip install -e '.[{extras}]'")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The app's commands' parser: bad input prints the usage, then one `error: ...` line, exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)

@@ -17,18 +17,12 @@ import sys
 from contract.deployment import DEFAULT_MODEL_NAME
 from contract.preprocess import MAX_PIXELS
 
-from . import MAX_UPLOAD_BYTES
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+from . import MAX_UPLOAD_BYTES, CommandParser
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="python -m app", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     serve = p.add_argument_group("serving an existing index")
     serve.add_argument("--index", help="index directory (python -m app.index build); without it, the main job runs")
     serve.add_argument("--examples", metavar="DIR", help="example query images shown on the page: up to 12 image "

@@ -44,6 +44,8 @@ from contract.deployment import DEFAULT_MODEL_NAME
 from contract.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from trainer.data import DataError, FolderCollection, ZipCollection, open_collection
 
+from . import CommandParser
+
 MANIFEST = "manifest.json"
 FORMAT = "byolkit-embeddings/1"
 META_KEY = b"byolkit"
@@ -557,15 +559,9 @@ def read_shard(path: Path) -> tuple[np.ndarray, list, list]:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="python -m app.embed", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, nargs="+", metavar="INPUT",
                    help="image folder, zip archive, list file (.txt), or WebDataset tar shards")
     p.add_argument("--out", required=True, help="output folder of Parquet shards and manifest.json (re-run to resume)")

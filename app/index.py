@@ -25,18 +25,10 @@ import sys
 
 from contract.deployment import DEFAULT_MODEL_NAME
 
+from . import CommandParser
 from .backend import Backend
 from .backend import add_flags as add_backend_flags
 from .faiss_index import DEFAULT_TARGET_RECALL, KINDS
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad input: the usage, then one `error: ...` line, exit status 2."""
-
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _encoder_flags(p):
@@ -48,8 +40,9 @@ def _encoder_flags(p):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app.index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    p = CommandParser(prog="python -m app.index", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser, required=True)
 
     b = sub.add_parser("build", help="embed a folder or zip of images and write a new index",
                        description="Embed every readable image of --images and write a new index to --out.")

@@ -61,14 +61,14 @@ def train(images: Path, run: Path, time_budget: str, retrain: bool, n_images: in
     """A trained encoder in `run`: reused when it has trained for `time_budget` (or `steps`) already,
     trained on when asked for more, trained anew otherwise (or with `retrain`)."""
     from trainer.config import preset
-    from trainer.pretrain import main as pretrain_main
     from trainer.pretrain import parse_duration
+    from trainer.pretrain import run as pretrain
+    from trainer.runtime import USER_ERRORS
     encoder_file = run / "encoder.safetensors"
     if retrain and run.exists():
         import shutil
         shutil.rmtree(run)
-    length = ["--max-steps", str(steps)] if steps else ["--time-budget", time_budget]
-    common = ["--data", str(images), "--out", str(run), "--no-progress", "--set", "data.workers=0"]
+    length = {"max_steps": steps} if steps else {"time_budget": parse_duration(time_budget)}
     if (run / "summary.json").is_file() and encoder_file.is_file():
         done = json.loads((run / "summary.json").read_text())
         more = steps - done["steps"] if steps else parse_duration(time_budget) - done["train_seconds"]
@@ -77,7 +77,7 @@ def train(images: Path, run: Path, time_budget: str, retrain: bool, n_images: in
             _log(f"reusing the encoder trained before: {encoder_file} ({trained}; a longer --train-time trains "
                  f"it on, --retrain starts over)")
             return encoder_file
-        flags = [*common, "--extend", *(["--max-steps", str(more)] if steps else ["--time-budget", f"{more:.0f}"])]
+        how = {"extend": True, **({"max_steps": more} if steps else {"time_budget": float(round(more))})}
         _log(f"continuing the encoder trained before ({trained}) for {f'{more} steps' if steps else _minutes(more)} "
              f"more, from its checkpoint (--retrain starts over)")
     else:
@@ -87,14 +87,16 @@ def train(images: Path, run: Path, time_budget: str, retrain: bool, n_images: in
         name = choose_preset()
         # the preset's batch, or what a small folder allows
         batch = min(preset(name).optim.batch_size, 2 ** (n_images.bit_length() - 1))
-        flags = ["--preset", name, *common, *length, "--epochs", "10000", "--batch-size", str(batch)]
-        if (run / "checkpoint.pt").is_file():
-            flags.append("--resume")  # an interrupted training continues
+        how = {"preset": name, **length, "epochs": 10000, "batch_size": batch,
+               "resume": (run / "checkpoint.pt").is_file()}  # an interrupted training continues
         _log(f"training a BYOL encoder on {n_images} images for {f'{steps} steps' if steps else time_budget} "
              f"({name} preset, batch {batch})")
-    code = pretrain_main(flags)
-    if code or not encoder_file.is_file():
-        raise QuickstartError(f"training failed (exit status {code}); see the messages above")
+    try:
+        pretrain(run, str(images), overrides=["data.workers=0"], progress=False, **how)
+    except (*USER_ERRORS, ValueError) as e:
+        raise QuickstartError(f"training failed: {e}") from None
+    if not encoder_file.is_file():
+        raise QuickstartError(f"training failed: no encoder in {run}")
     return encoder_file
 
 

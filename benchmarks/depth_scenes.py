@@ -18,59 +18,31 @@ The JSON holds every metric of both runs, the mean-depth floor, wall times and t
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import byol_against_random, finetune, machine, now, report_transfer, run_command
+
 METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3")
-
-
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def run(command: list[str]) -> float:
-    """Run a command from the repository root; its wall time in seconds (exits on failure)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(command[1:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
 
 
 def run_depth(flags: list[str], out: Path) -> dict:
     """One `python -m trainer.depth` run -> its final metrics, the mean-depth floor, wall time, command."""
-    command = [sys.executable, "-m", "trainer.depth", "--no-progress", *flags, "--out", str(out)]
-    seconds = run(command)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics, seconds, command = finetune("depth", flags, out)
     final = metrics["final"]
     return {**{k: final[k] for k in METRICS}, "train_loss": final["train_loss"],
             "loss_by_epoch": [round(h["train_loss"], 4) for h in metrics["history"]],
             "baseline_mean_depth": metrics["baseline_mean_depth"], "seconds": round(seconds, 1),
-            "train_seconds": round(final["train_seconds"], 1), "backbone": metrics["backbone"],
-            "command": " ".join(command[1:])}
+            "train_seconds": round(final["train_seconds"], 1), "backbone": metrics["backbone"], "command": command}
 
 
 def compare(encoder: str, data_flags: list[str], schedule: list[str], out: Path) -> dict:
     """BYOL-initialised against random-initialised encoder, same schedule, same seed."""
-    random_spec = encoder if encoder.startswith("random:") else f"random:{encoder}"
-    runs = {}
-    for name, spec in (("byol", encoder), ("random", random_spec)):
-        runs[name] = run_depth(["--encoder", spec, *data_flags, *schedule], out / name)
-        r = runs[name]
-        print(f"{name:7s} abs rel {r['abs_rel']:.4f}  RMSE {r['rmse']:.4f}  delta1 {r['delta1']:.4f}  "
-              f"({r['seconds']:.0f} s)", file=sys.stderr)
-    return runs
+    return byol_against_random(encoder, lambda spec, o: run_depth(["--encoder", spec, *data_flags, *schedule], o),
+                               out, lambda r: f"abs rel {r['abs_rel']:.4f}  RMSE {r['rmse']:.4f}  "
+                                              f"delta1 {r['delta1']:.4f}")
 
 
 def main(argv=None) -> int:
@@ -91,9 +63,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"{args.out} is not empty; choose a new --out")
-    sys.path.insert(0, str(ROOT))
     from trainer.synthetic import write_depth_scenes
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = now()
     t0 = time.perf_counter()
     data = args.out / "data"
     write_depth_scenes(data / "pretrain", args.pretrain_images, args.size, seed=100)
@@ -107,22 +78,17 @@ def main(argv=None) -> int:
                 "--set", f"data.image_size={args.size}", "--set", "data.mean=[0.485,0.456,0.406]",
                 "--set", "data.std=[0.229,0.224,0.225]", "--set", "data.workers=1", "--batch-size", "64",
                 "--epochs", "400", "--time-budget", args.pretrain_budget, "--no-progress", "--out", str(byol)]
-    pretrain_seconds = run(pretrain)
+    pretrain_seconds = run_command(pretrain)
 
     schedule = ["--decoder", args.decoder, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                 "--lr", str(args.lr), "--base-size", str(args.size), "--crop-size", str(args.size - 8),
                 "--workers", "0", "--seed", str(args.seed), "--eval-every", "0", "--draw", "4", "--device", "cpu"]
     data_flags = ["--train", str(data / "train"), "--val", str(data / "val")]
     runs = compare(str(byol), data_flags, schedule, args.out / "depth")
-    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(),
-              "settings": {k: str(v) for k, v in vars(args).items()},
+    result = {"date": started, "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()},
               "generate_seconds": round(generate_seconds, 1), "pretrain_seconds": round(pretrain_seconds, 1),
-              "pretrain_command": " ".join(pretrain[1:]), "runs": runs,
-              "byol_minus_random": {k: runs["byol"][k] - runs["random"][k] for k in METRICS}}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("date", "byol_minus_random")}))
-    return 0
+              "pretrain_command": " ".join(pretrain[1:])}
+    return report_transfer(args.json, result, runs, METRICS)
 
 
 if __name__ == "__main__":

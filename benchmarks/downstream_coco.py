@@ -20,14 +20,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, write_json  # puts the repository root on sys.path
 
 # full fine-tuning on both sides; sized for ~3-4 minutes a run on two CPU cores at 224 px; LR 0.02 x 4/16
 # (the linear scaling rule from the references' batch 16: 0.02 itself diverged at step 37)
@@ -46,7 +46,7 @@ def run_module(module: str, argv: list[str], log: Path, launcher: list[str] | No
     cmd = [sys.executable, "-m", *launcher, "-m", module] if launcher else [sys.executable, "-m", module]
     with open(log, "w") as f:
         proc = subprocess.run([*cmd, *argv], stdout=subprocess.PIPE, stderr=f, text=True,
-                              env=env, cwd=ROOT)
+                              env=env, cwd=ROOT, check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{module} failed (exit {proc.returncode}); see {log}")
@@ -90,12 +90,6 @@ TASKS = {"detection": lambda args: detection(args.encoder, Path(args.coco), Path
                                              with_epochs(CPU_DETECTION_SCHEDULE, args.epochs))}
 
 
-def machine() -> dict:
-    import torch
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", required=True, help="the BYOL encoder (run dir, checkpoint.pt or encoder.safetensors)")
@@ -111,11 +105,9 @@ def main(argv=None) -> int:
         if task not in TASKS:
             p.error(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         results[task] = TASKS[task](args)
-    text = json.dumps(results, indent=2)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
-    print(text)
+        write_json(args.json, results)
+    print(json.dumps(results, indent=2))
     return 0
 
 

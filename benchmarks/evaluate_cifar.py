@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: F401 - puts the repository root on sys.path
+
 from trainer import checkpoint as ckpt_io
 from trainer import sources
 from trainer.evaluate import (
@@ -68,8 +71,10 @@ def main(argv=None) -> int:
     train_c, test_c, remap = open_labelled(args.train, args.test)
     num_classes = num_classes_of(train_c)
     if args.tiny:
-        train_c = SubsetCollection(train_c, balanced_subset(train_c.labels, min(1.0, args.tiny / len(train_c) * num_classes), 0))
-        test_c = SubsetCollection(test_c, balanced_subset(test_c.labels, min(1.0, args.tiny / len(test_c) * num_classes), 0))
+        train_c = SubsetCollection(train_c, balanced_subset(train_c.labels,
+                                                            min(1.0, args.tiny / len(train_c) * num_classes), 0))
+        test_c = SubsetCollection(test_c, balanced_subset(test_c.labels,
+                                                          min(1.0, args.tiny / len(test_c) * num_classes), 0))
     t0 = time.perf_counter()
     train = decode_split(train_c, pre, args.workers, True, "decoding train", None)
     test = decode_split(test_c, pre, args.workers, True, "decoding test", remap)
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
     ckpt_io.atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
 
     frac = f"{args.fraction * 100:g}%"
-    print(f"| encoder | kNN top-1 | kNN top-5 | linear (fast) top-1 | linear (fast) top-5 | semi {frac} top-1 | semi {frac} top-5 |")
+    print(f"| encoder | kNN top-1 | kNN top-5 | linear (fast) top-1 | linear (fast) top-5 | semi {frac} top-1 "
+          f"| semi {frac} top-5 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results["rows"].items():
         print(f"| {name} | {r['knn']['top1']:.1%} | {r['knn']['top5']:.1%} | {r['linear_fast']['top1']:.1%} | "

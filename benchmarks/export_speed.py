@@ -18,8 +18,9 @@ one process, in alternating rounds (a background load hits every contender alike
 
 at batch 1, 8 and 32, reporting the median images/s over the rounds and the ratios against
 `pytorch`. Each export's file size and verification error (export.onnx's own check against PyTorch)
-are reported for float32 and float16 weights. ONNX Runtime's idle threads do not spin (see ort_session). Where CUDA is available (onnxruntime-gpu), ONNX Runtime's
-CUDA and TensorRT execution providers are timed on the float32 and float16 exports too.
+are reported for float32 and float16 weights. ONNX Runtime's idle threads do not spin (see ort_session).
+Where CUDA is available (onnxruntime-gpu), ONNX Runtime's CUDA and TensorRT execution providers are
+timed on the float32 and float16 exports too.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,29 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, onnxruntime_info, write_json  # puts the repository root on sys.path
 
 import export.onnx as xo
 from contract.deployment import INPUT_FLOAT, INPUT_UINT8, OUTPUT
 from serving.engine import require_providers
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime as ort
-
-    from export.quantize import int8_instructions
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": torch.get_num_threads(),
-            "providers": ort.get_available_providers(), "int8_instructions": int8_instructions()}
 
 
 def ort_session(path: Path, threads: int, provider: str = "CPUExecutionProvider", cache_dir: str | None = None):
@@ -291,7 +274,7 @@ def main(argv=None) -> int:
         p.error("--variants: int8 is made from float32; list both")
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone()
-    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(),
+    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(**onnxruntime_info()),
               "load_average_start": os.getloadavg(), "command": " ".join(sys.argv), "models": {}}
     batches = [int(b) for b in args.batches.split(",")]
     archs = args.archs.split(",")
@@ -315,11 +298,9 @@ def main(argv=None) -> int:
                 result["models"][arch]["gpu"] = gpu
     result["load_average_end"] = os.getloadavg()
     result["seconds"] = round((datetime.datetime.now().astimezone() - started).total_seconds(), 1)
-    text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+        write_json(args.json, result)
+    print(json.dumps(result, indent=2))
     for arch, r in result["models"].items():
         for batch, b in r.get("batches", {}).items():
             log(f"{arch} batch {batch}: " + ", ".join(f"{k} {v}" for k, v in b["images_per_s"].items())

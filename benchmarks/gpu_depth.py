@@ -20,18 +20,15 @@ file stands in for the BYOL one (the point is the plumbing, not the number).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from depth_scenes import METRICS, ROOT, compare, machine
+from _common import run_transfer
+from depth_scenes import METRICS, compare
 
 
 def tiny_data(root: Path) -> tuple[list[str], str]:
-    sys.path.insert(0, str(ROOT))
     from trainer.checkpoint import save_encoder
     from trainer.models import build_encoder
     from trainer.sources import default_preprocessing
@@ -56,30 +53,21 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="seconds on a CPU: generated data, one epoch")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "runs"
+
+    def setup(scratch: Path) -> tuple[list[str], str, list[str]]:
         if args.tiny:
-            data_flags, encoder = tiny_data(Path(tmp) / "data")
-            schedule = ["--epochs", "1", "--batch-size", "4", "--base-size", "48", "--crop-size", "40",
-                        "--workers", "0", "--device", "cpu", "--draw", "1"]
-        else:
-            if not (args.mat and args.split and args.encoder):
-                p.error("--mat, --split and --encoder are required (or --tiny)")
-            data_flags = ["--train", str(args.mat), "--val", str(args.mat), "--split", str(args.split)]
-            encoder = args.encoder
-            schedule = ["--decoder", "upproj", "--loss", "berhu", "--epochs", str(args.epochs),
-                        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--base-size", "240",
-                        "--crop-size", "228x304", "--max-scale", "1.5", "--eigen-crop", "on", "--max-depth", "10",
-                        "--workers", str(args.workers), "--eval-every", "5", "--device", "cuda"]
-        started = datetime.datetime.now(datetime.timezone.utc)
-        runs = compare(encoder, data_flags, schedule, out)
-    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "tiny": args.tiny,
-              "settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-              "byol_minus_random": {k: runs["byol"][k] - runs["random"][k] for k in METRICS}}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("date", "tiny", "byol_minus_random")}))
-    return 0
+            data_flags, encoder = tiny_data(scratch / "data")
+            return data_flags, encoder, ["--epochs", "1", "--batch-size", "4", "--base-size", "48", "--crop-size",
+                                         "40", "--workers", "0", "--device", "cpu", "--draw", "1"]
+        if not (args.mat and args.split and args.encoder):
+            p.error("--mat, --split and --encoder are required (or --tiny)")
+        data_flags = ["--train", str(args.mat), "--val", str(args.mat), "--split", str(args.split)]
+        return data_flags, args.encoder, [
+            "--decoder", "upproj", "--loss", "berhu", "--epochs", str(args.epochs), "--batch-size",
+            str(args.batch_size), "--lr", str(args.lr), "--base-size", "240", "--crop-size", "228x304",
+            "--max-scale", "1.5", "--eigen-crop", "on", "--max-depth", "10", "--workers", str(args.workers),
+            "--eval-every", "5", "--device", "cuda"]
+    return run_transfer(args, setup, compare, METRICS)
 
 
 if __name__ == "__main__":

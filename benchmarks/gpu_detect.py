@@ -23,11 +23,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from downstream_coco import detection, machine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # puts the repository root on sys.path
+from downstream_coco import detection
 
 
 def gpu_schedule(epochs: int, gpus: int) -> list[str]:

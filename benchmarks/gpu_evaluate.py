@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: F401 - puts the repository root on sys.path
+
 from trainer.checkpoint import atomic_write
 from trainer.evaluate import get_args_parser, run, summary_line
 

@@ -55,7 +55,9 @@ import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, smooth_jpegs  # puts the repository root on sys.path
+
 DEFAULT_DATA = ROOT / "benchmarks" / "data" / "cifar10-subset"
 PER_CLASS = {"train": 3000, "test": 500}
 BUDGET_S = {"smoke": 240, "figures": 480}  # each part stops starting checks when its time is out
@@ -129,7 +131,8 @@ class Part:
         return self.doc["passed"]
 
 
-def sh(part: Part, args: list, timeout: float, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def sh(part: Part, args: list, timeout: float, cwd: Path = ROOT,
+       env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with this tree first on the Python path; its failure raises with its output's tail."""
     env = {**os.environ, **(env or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -328,21 +331,10 @@ def check_phases(part: Part, work: Path, compile_: bool, timeout: float) -> dict
     return {k: r[k] for k in keep}
 
 
-def synthetic_jpegs(root: Path, count: int, size: int) -> Path:
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)  # smooth colour fields compress like photos
-        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"{i:05d}.jpg", quality=90)
-    return root
-
-
 def check_trainer_r50(part: Part, work: Path, pipeline: str, timeout: float) -> dict:
     images = work / "jpeg256"
     if not images.is_dir():
-        synthetic_jpegs(images, 16 if part.tiny else 1536, 72 if part.tiny else 256)
+        smooth_jpegs(images, 16 if part.tiny else 1536, 72 if part.tiny else 256)
     run = work / f"r50-{pipeline}"
     if part.tiny:
         flags = ["--batch-size", "4", "--arch", "resnet18_w16", "--set", "data.image_size=64",
@@ -366,7 +358,8 @@ def check_cifar_knn(part: Part, data: Path, work: Path, timeout: float) -> dict:
     flags = [*cifar_flags(part, data), "--val-data", data / "test.zip", "--out", run,
              "--set", "run.checkpoint_every=0", "--set", "run.checkpoint_every_s=0"]
     flags += (["--max-steps", "4", "--set", "run.knn_every=1"] if part.tiny else
-              ["--time-budget", f"{budget}s", "--epochs", "1000", "--set", "run.knn_every=4", "--set", "run.log_every=50"])
+              ["--time-budget", f"{budget}s", "--epochs", "1000", "--set", "run.knn_every=4",
+               "--set", "run.log_every=50"])
     sh(part, [*PY, "-m", "trainer.pretrain", *flags], timeout)
     summary = json.loads((run / "summary.json").read_text())
     curve = [{"step": r["step"], "train_seconds": round(r["train_seconds"], 1), "knn_top1": r["knn_top1"]}
@@ -478,7 +471,8 @@ def prepare(source: Path, dest: Path, per_class: dict) -> dict:
                     zout.writestr(info.filename, zin.read(info))
                     taken[cls] = taken.get(cls, 0) + 1
         os.replace(tmp, dest / f"{split}.zip")
-        sizes[split] = {"images": sum(taken.values()), "classes": len(taken), "bytes": (dest / f"{split}.zip").stat().st_size}
+        sizes[split] = {"images": sum(taken.values()), "classes": len(taken),
+                        "bytes": (dest / f"{split}.zip").stat().st_size}
     total = sum(s["bytes"] for s in sizes.values())
     (dest / "MANIFEST.json").write_text(json.dumps({"source": str(source), "per_class": per_class, **sizes,
                                                     "total_bytes": total}, indent=2) + "\n")
@@ -527,7 +521,8 @@ def main(argv=None) -> int:
             part = Part(name, args.out, budget, args.tiny, device)
             (part_smoke if name == "smoke" else part_figures)(part, args.data.resolve(), work)
             ok = part.finish() and ok
-            part.log(f"[{name}] {'passed' if part.doc['passed'] else 'FAILED'} in {part.doc['elapsed_s']}s: {part.path}")
+            part.log(f"[{name}] {'passed' if part.doc['passed'] else 'FAILED'} in {part.doc['elapsed_s']}s: "
+                     f"{part.path}")
             if name == "smoke" and not ok:
                 break
     return 0 if ok else 1

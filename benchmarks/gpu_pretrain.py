@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS))
+from _common import ROOT, smooth_jpegs, write_json  # puts the repository root on sys.path
 
 
 def run_trainer(flags: list[str]) -> float:
@@ -45,15 +45,6 @@ def run_trainer(flags: list[str]) -> float:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def synthetic_images(root: Path, count: int, size: int) -> Path:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)  # smooth colour fields compress like photos
-        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"{i:05d}.jpg", quality=90)
-    return root
 
 
 def main(argv=None) -> int:
@@ -80,8 +71,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="byolkit-gpu-bench-"))
 
     # -- part 1a: ResNet-50 at 224 px, the step by phase and its MFU ----------------------------------
-    sys.path.insert(0, str(BENCHMARKS))  # pretrain_speed.py lives next to this script
-    import pretrain_speed  # noqa: E402
+    import pretrain_speed
     speed_args = ["--preset", "imagenet-resnet50", "--device", device, "--batch-size", str(args.batch_size),
                   "--steps", "30", "--warmup", "5", "--num-images", "1024"]
     if args.compile:
@@ -102,11 +92,11 @@ def main(argv=None) -> int:
         r50.append("--compile")
     steps, n_images = args.resnet50_steps, 4096
     if args.tiny:
-        r50 = ["--preset", "imagenet-resnet50", "--batch-size", "4", "--arch", "resnet18", "--set", "data.image_size=64",
-               "--set", "run.log_every=1", "--set", "model.projector_hidden_dim=64",
+        r50 = ["--preset", "imagenet-resnet50", "--batch-size", "4", "--arch", "resnet18",
+               "--set", "data.image_size=64", "--set", "run.log_every=1", "--set", "model.projector_hidden_dim=64",
                "--set", "model.predictor_hidden_dim=64", "--device", "cpu", "--set", "data.workers=0"]
         steps, n_images = 3, 16
-    images = synthetic_images(work / "r50-images", n_images, 256 if not args.tiny else 72)
+    images = smooth_jpegs(work / "r50-images", n_images, 256 if not args.tiny else 72)
     for pipeline in ("memory", "stream"):
         run = work / f"r50-{pipeline}"
         wall = run_trainer([*r50, "--set", f"data.pipeline={pipeline}", "--data", str(images), "--out", str(run),
@@ -141,8 +131,7 @@ def main(argv=None) -> int:
                                   "images_per_s": float(np.median([r["images_per_s"] for r in rows
                                                                    if "images_per_s" in r][1:] or [0]))}
     print("cifar10 resnet18:", result["cifar10_resnet18"], flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     print(f"wrote {args.json} ({time.perf_counter() - t_start:.0f}s in all)", flush=True)
     return 0
 

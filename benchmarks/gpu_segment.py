@@ -16,17 +16,16 @@ in for the BYOL one (the point is the plumbing, not the number).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from segment_coco import coco_flags, compare, machine
+from _common import run_transfer
+from segment_coco import METRICS, coco_flags, compare
 
 
 def make_shapes(root: Path, count: int, seed: int, size=(64, 56)) -> list[str]:
@@ -81,28 +80,19 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="seconds on a CPU: generated data, one epoch")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "runs"
+
+    def setup(scratch: Path) -> tuple[list[str], str, list[str]]:
         if args.tiny:
-            data_flags, encoder = tiny_data(Path(tmp) / "data")
-            schedule = ["--head", "fcn", "--epochs", "1", "--batch-size", "8", "--base-size", "56",
-                        "--crop-size", "48", "--workers", "0", "--device", "cpu", "--draw", "1"]
-        else:
-            if not (args.data and args.encoder):
-                p.error("--data and --encoder are required (or --tiny)")
-            data_flags, encoder = coco_flags(args.data), args.encoder
-            schedule = ["--head", args.head, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                        "--lr", str(args.lr), "--base-size", str(args.base_size), "--crop-size", str(args.crop_size),
-                        "--workers", str(args.workers), "--eval-every", "5", "--device", "cuda"]
-        started = datetime.datetime.now(datetime.timezone.utc)
-        runs = compare(encoder, data_flags, schedule, out)
-    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "tiny": args.tiny,
-              "settings": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-              "byol_minus_random": {k: runs["byol"][k] - runs["random"][k] for k in ("mean_iou", "pixel_accuracy")}}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("date", "tiny", "byol_minus_random")}))
-    return 0
+            data_flags, encoder = tiny_data(scratch / "data")
+            return data_flags, encoder, ["--head", "fcn", "--epochs", "1", "--batch-size", "8", "--base-size", "56",
+                                         "--crop-size", "48", "--workers", "0", "--device", "cpu", "--draw", "1"]
+        if not (args.data and args.encoder):
+            p.error("--data and --encoder are required (or --tiny)")
+        return coco_flags(args.data), args.encoder, [
+            "--head", args.head, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr",
+            str(args.lr), "--base-size", str(args.base_size), "--crop-size", str(args.crop_size), "--workers",
+            str(args.workers), "--eval-every", "5", "--device", "cuda"]
+    return run_transfer(args, setup, compare, METRICS)
 
 
 if __name__ == "__main__":

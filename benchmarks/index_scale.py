@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_json  # puts the repository root on sys.path
 
 from app import faiss_index as fi
 
@@ -111,7 +109,8 @@ def main(argv=None) -> int:
     import faiss
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "settings": vars(args),
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(numpy=np.__version__),
+               "settings": vars(args),
                "faiss": faiss.__version__, "threads": faiss.omp_get_max_threads(), "kinds": {}}
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -163,8 +162,7 @@ def main(argv=None) -> int:
     results["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(report(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results, indent=1)
     return 0
 
 
@@ -176,15 +174,11 @@ def report(r: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind, e in r["kinds"].items():
         lat = e["latency"]
-        params = ", ".join(f"{k}={v}" for k, v in (e.get("tuned") or e["params"]).items() if k != "recall_held_out_sample")
+        params = ", ".join(f"{k}={v}" for k, v in (e.get("tuned") or e["params"]).items()
+                           if k != "recall_held_out_sample")
         lines.append(f"| {kind} | {params or '-'} | {e['build_s']} s | {e.get('tune_s', '-')} s | "
                      f"{mib(e['faiss_bytes'])} | {lat['recall_at_10']} | {lat['median_ms']} ms | {lat['p99_ms']} ms |")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "numpy": np.__version__, "python": platform.python_version()}
 
 
 if __name__ == "__main__":

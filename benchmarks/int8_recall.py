@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,22 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, onnxruntime_info, write_json  # puts the repository root on sys.path
 
 import export.quantize as xq
 from contract.deployment import OUTPUT, read_onnx_metadata
-
-
-def machine() -> dict:
-    import onnxruntime as ort
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "int8_instructions": xq.int8_instructions(),
-            "platform": platform.platform()}
 
 
 def embed_both(float_path, int8_path, pixels, batch: int = 32):
@@ -78,7 +65,8 @@ def main(argv=None) -> int:
     n = args.gallery_count or len(gallery)
     print(f"decoding {n} gallery images", file=sys.stderr, flush=True)
     pixels = xq.load_pixels(gallery, range(n), meta["preprocessing"])
-    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "command": " ".join(sys.argv),
+    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(**onnxruntime_info()),
+              "command": " ".join(sys.argv),
               "model": {"path": args.model, "arch": meta["arch"], "stem": meta["stem"],
                         "input_size": meta["preprocessing"].input_size, "fingerprint": meta["fingerprint"]},
               "gallery": {"source": args.gallery, "images": len(pixels)}, "methods": {}}
@@ -93,18 +81,17 @@ def main(argv=None) -> int:
             result["methods"][method] = {"gallery": figures, "guard": report["guard"],
                                          "size_mb": {"float32": round(report["float_size_bytes"] / 1e6, 3),
                                                      "int8": round(report["size_bytes"] / 1e6, 3)},
-                                         "size_ratio": report["size_ratio"], "quantize_s": report["seconds"]["quantize"],
+                                         "size_ratio": report["size_ratio"],
+                                         "quantize_s": report["seconds"]["quantize"],
                                          "images_per_s_batch32": speed,
                                          "int8_over_float32": round(speed["int8"] / speed["float32"], 2)}
             print(f"{method}: gallery recall@10 {figures['recall_at_10']}, cosine mean {figures['cosine_mean']} "
                   f"min {figures['cosine_min']}; guard recall@10 {report['guard']['recall_at_10']}; "
                   f"images/s {speed}", file=sys.stderr, flush=True)
     result["seconds"] = round((datetime.datetime.now().astimezone() - started).total_seconds(), 1)
-    text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+        write_json(args.json, result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

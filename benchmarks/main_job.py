@@ -20,8 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, write_json  # puts the repository root on sys.path
 
 
 def to_the_page(work: Path, port: int, extra: list[str], log: Path) -> dict:
@@ -57,14 +57,12 @@ def main(argv=None) -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    from benchmarks.photos_preset import machine
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "extra": args.extra}
     for name in ("first", "second"):
         results[name] = to_the_page(work / "data", args.port, args.extra, work / f"{name}.log")
         print(name, json.dumps(results[name]), flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results, indent=1)
     return 0
 
 

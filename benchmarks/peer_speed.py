@@ -38,10 +38,11 @@ projector and predictor sizes, batch size and image size, on the same batches dr
 random uint8 image tensor held in memory (byolkit's "memory" pipeline). One image is one sample
 giving two views. Each contender runs its own full training step:
 
-  byolkit       trainer.augment.BatchAugment(byol_views(blur=False), crop=True) on the uint8 batch
-                (per-image random crop/flip/jitter/grayscale/solarise, as the cifar10 preset), the
-                model in channels_last as trainer.pretrain puts it, BYOL loss, backward,
-                LARS (trainer.optim.build_optimizer over parameter_groups), update_target(tau).
+  byolkit       the trainer's own step: trainer.pretrain.build_pretraining's parts (the model in
+                channels_last, BatchAugment(byol_views(blur=False), crop=True) on the uint8 batch:
+                per-image random crop/flip/jitter/grayscale/solarise, as the cifar10 preset; LARS
+                over its parameter groups, the predictor's with its LR scale) and
+                trainer.pretrain.train_step at the peak LR: BYOL loss, backward, step, update_target.
   byol-pytorch  the batch converted to float in [0, 1], then `loss = learner(images)` with its
                 default augmentation (torchvision transforms applied to the whole batch at once),
                 backward, the optimiser step (by default the same LARS over its online
@@ -64,11 +65,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -77,13 +76,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, now, write_json
 
-from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from trainer.augment import BatchAugment, byol_views  # noqa: E402
-from trainer.models import ARCHITECTURES, BYOL, build_encoder  # noqa: E402
-from trainer.optim import build_optimizer, parameter_groups  # noqa: E402
+from contract.preprocess import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from trainer.config import ByolConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from trainer.models import ARCHITECTURES, build_encoder
+from trainer.optim import build_optimizer, parameter_groups
+from trainer.pretrain import build_pretraining, train_step
 
 BYOLKIT, PEER, LIGHTLY = "byolkit", "byol-pytorch", "lightly"
 
@@ -101,12 +101,6 @@ def import_peer():
     except Exception:  # noqa: BLE001 - a vendored copy without metadata
         peer_version = "unknown"
     return PeerBYOL, peer_version, None
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
 
 
 def lars(groups, args):
@@ -128,29 +122,37 @@ class Timed(nn.Module):
         return out
 
 
+def byolkit_config(args) -> Config:
+    """The throughput mode's settings as a trainer.pretrain configuration (the cifar10 preset's recipe
+    at the sizes asked for)."""
+    return Config(
+        model=ModelConfig(arch=args.arch, stem="small", projector_hidden_dim=args.hidden_dim,
+                          projection_dim=args.projection_dim, predictor_hidden_dim=args.hidden_dim),
+        data=DataConfig(image_size=args.image_size, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD), blur=False),
+        optim=OptimConfig(name="lars", base_lr=args.base_lr, weight_decay=args.weight_decay,
+                          batch_size=args.batch_size),
+        byol=ByolConfig(tau_base=args.tau), run=RunConfig(device="cpu", precision=args.precision))
+
+
 class Byolkit:
+    """trainer.pretrain's own parts and step (build_pretraining, train_step), at the peak LR."""
     name = BYOLKIT
 
-    def __init__(self, args, amp):
+    def __init__(self, args):
         torch.manual_seed(args.seed)
-        encoder, dim = build_encoder(args.arch, "small")
-        self.model = BYOL(encoder, dim, args.hidden_dim, args.projection_dim, args.hidden_dim)
-        self.model = self.model.to(memory_format=torch.channels_last).train()  # as trainer.pretrain
-        self.augment = BatchAugment(byol_views(blur=False), args.image_size, CIFAR10_MEAN, CIFAR10_STD, crop=True)
-        m = self.model
-        self.optimizer = lars(parameter_groups([m.encoder, m.projector, m.predictor], args.weight_decay), args)
-        self.tau, self.amp, self.aug_seconds = args.tau, amp, 0.0
+        self.parts = build_pretraining(byolkit_config(args), torch.device("cpu"))
+        self.model = self.parts.byol.train()
+        self.tau, self.aug_seconds = args.tau, 0.0
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        if name == "augment":
+            self.aug_seconds += time.perf_counter() - t0
 
     def step(self, raw: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        view1, view2 = self.augment(raw)
-        self.aug_seconds += time.perf_counter() - t0
-        with self.amp():
-            loss, _ = self.model(view1, view2)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_target(self.tau)
+        loss, _ = train_step(self.parts, raw, self.parts.lr_peak, self.tau, phase=self._phase)
         return loss.detach()
 
 
@@ -206,7 +208,7 @@ def run(args, PeerBYOL) -> dict:
     total = args.warmup + args.rounds * args.steps_per_round
     # The same batch sequence for both contenders: batch k is the k-th slice of a fixed random order.
     batches = [torch.randperm(args.num_images, generator=gen)[:args.batch_size] for _ in range(total)]
-    contenders = [Byolkit(args, amp), Peer(args, amp, PeerBYOL)]
+    contenders = [Byolkit(args), Peer(args, amp, PeerBYOL)]
     torch.manual_seed(args.seed)
     state = {c.name: {"next": 0, "rates": [], "cpu_rates": [], "aug_share": [], "losses": [], "load": []}
              for c in contenders}
@@ -488,7 +490,8 @@ def main(argv=None) -> int:
                    "are used by every contender")
     k.add_argument("--contenders", nargs="+", default=[BYOLKIT, PEER, LIGHTLY], choices=[BYOLKIT, PEER, LIGHTLY])
     k.add_argument("--workers", type=int, default=1, help="decoding workers; lightly's DataLoader workers")
-    k.add_argument("--lightly-hidden-dim", type=int, default=1024, help="lightly's head hidden size (its example: 1024)")
+    k.add_argument("--lightly-hidden-dim", type=int, default=1024,
+                   help="lightly's head hidden size (its example: 1024)")
     k.add_argument("--out", default="benchmarks/results/peer_knn", help="scratch directory (byolkit's run)")
     k.add_argument("--tiny", action="store_true", help="16 px and small heads for byolkit (a smoke test)")
     args = p.parse_args(argv)
@@ -507,10 +510,11 @@ def main(argv=None) -> int:
         return 2
 
     settings = {k: v for k, v in vars(args).items() if k != "json"}
-    settings.update(stem="small", byolkit_augmentation="BatchAugment(byol_views(blur=False)), CIFAR-10 mean/std",
+    settings.update(stem="small", byolkit_step="trainer.pretrain.build_pretraining + train_step",
+                    byolkit_augmentation="BatchAugment(byol_views(blur=False)), CIFAR-10 mean/std",
                     byolkit_optimizer="lars", byolkit_channels_last=True,
                     peer_augmentation="byol-pytorch default (SimCLR-style torchvision transforms per batch)")
-    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+    out = {"date": now(), "machine": machine(),
            "byol_pytorch_version": peer_version, "settings": settings,
            "load_average_before": list(os.getloadavg())}
     out.update(run(args, PeerBYOL))
@@ -529,9 +533,7 @@ def main(argv=None) -> int:
     print(f"ratio byolkit/byol-pytorch: {out['ratio']:.3f} images/s (median of per-round ratios "
           f"{out['ratio_per_round_median']:.3f}), {out['ratio_cpu']:.3f} images/CPU-s")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return 0
 
 
@@ -559,7 +561,7 @@ def main_knn(p: argparse.ArgumentParser, args) -> int:
             print(f"error: lightly is not importable ({e}); install it with `pip install lightly` "
                   f"(it is in byolkit's test extra)", file=sys.stderr)
             return 2
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    out = {"date": now(), "machine": machine(),
            "mode": "knn", "budget_s": args.budget, "batch_size": args.batch_size, "preset": args.preset,
            "load_average_before": list(os.getloadavg())}
     out.update(run_knn(args, PeerBYOL, peer_version))
@@ -573,9 +575,7 @@ def main_knn(p: argparse.ArgumentParser, args) -> int:
         ips = f"{r['images_per_s']:9.1f}" if "images_per_s" in r else f"{'-':>9s}"
         print(f"{name:14s} {steps} {ips} {r['knn']['top1']:10.4f} {r['knn']['top5']:10.4f}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return 0
 
 

@@ -18,15 +18,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, write_json  # puts the repository root on sys.path
 
 
 def main(argv=None) -> int:
@@ -100,15 +99,8 @@ def main(argv=None) -> int:
           + " | ".join(f"{scores[k][0]:.3f} / {scores[k][1]:.3f}" for k in ("byol", "random_init", "pixels"))
           + " |", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results, indent=1)
     return 0
-
-
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

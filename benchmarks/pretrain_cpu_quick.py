@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, write_json  # puts the repository root on sys.path
 
-from contract.preprocess import Preprocessing  # noqa: E402
-from trainer.checkpoint import load_encoder  # noqa: E402
-from trainer.config import preset  # noqa: E402
-from trainer.data import decode_all, open_collection  # noqa: E402
-from trainer.knn import embed, knn_accuracy  # noqa: E402
-from trainer.models import build_encoder  # noqa: E402
+from contract.preprocess import Preprocessing
+from trainer.checkpoint import load_encoder
+from trainer.config import preset
+from trainer.data import decode_all, open_collection
+from trainer.knn import embed, knn_accuracy
+from trainer.models import build_encoder
 
 
 def main(argv=None) -> int:
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
     results["train"] = {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                         "images_per_s_median": sorted(speeds)[len(speeds) // 2] if speeds else None,
                         "images_seen": summary["steps"] * cfg.optim.batch_size, "final_loss": summary["loss"]}
-    encoder, info = load_encoder(out)
+    encoder, _ = load_encoder(out)
     encoder = encoder.to(memory_format=torch.channels_last)
     results["byol"] = knn(embed(encoder, xtr, pre, device, precision="bf16"),
                           embed(encoder, xte, pre, device, precision="bf16"), ytr, yte)
@@ -100,15 +99,8 @@ def main(argv=None) -> int:
     print("BYOL", results["byol"], results["train"], flush=True)
     print(json.dumps({k: results[k] for k in ("pixels_32px", "random_init", "byol", "train")}, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     python benchmarks/pretrain_speed.py --preset cpu-quick --device cpu --steps 30 --json speed_cpu.json
     python benchmarks/pretrain_speed.py --preset imagenet-resnet50 --device cuda --batch-size 256 --steps 50
 
-The step is trainer.pretrain's memory-pipeline step, built from the same parts (build_encoder,
-BYOL, BatchAugment, build_optimizer over parameter_groups, channels_last, bf16 autocast where
-the preset asks for it, optional torch.compile) on uint8 images held on the device: random ones
+The step is trainer.pretrain's own: the parts from trainer.pretrain.build_pretraining (networks,
+channels_last, batched augmentation, the optimiser over its parameter groups, bf16 autocast where
+the preset asks for it, optional torch.compile) and the step trainer.pretrain.train_step, at the
+schedule's peak LR, on a memory-pipeline batch of uint8 images held on the device: random ones
 (--num-images), or --data decoded once through the preset's preprocessing contract.
 
 Phases of each step:
@@ -27,24 +28,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, now, write_json
 
-from trainer.augment import BatchAugment, byol_views  # noqa: E402
-from trainer.config import PRESETS, apply_override, preset  # noqa: E402
-from trainer.models import BYOL, build_encoder  # noqa: E402
-from trainer.optim import build_optimizer, parameter_groups  # noqa: E402
+from trainer.config import PRESETS, apply_override, preset
+from trainer.pretrain import build_pretraining, train_step
 
 PHASES = ("data", "augment", "forward", "backward", "optimizer", "ema")
 
@@ -85,56 +79,37 @@ class PhaseTimer:
             yield
             self.seconds[name].append(time.perf_counter() - t0)
 
-    def per_step_ms(self) -> dict[str, float]:
-        """Mean milliseconds per step of each phase (call after synchronising the device)."""
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        """Milliseconds per step of each phase (call after synchronising the device); a phase timed
+        once per micro-batch (optim.accumulate > 1) counts all of a step's."""
         if self.cuda:
-            return {p: statistics.fmean(s.elapsed_time(e) for s, e in self.events[p]) for p in PHASES}
-        return {p: 1000 * statistics.fmean(self.seconds[p]) for p in PHASES}
+            return {p: sum(s.elapsed_time(e) for s, e in self.events[p]) / steps for p in PHASES}
+        return {p: 1000 * sum(self.seconds[p]) / steps for p in PHASES}
+
+
+def _no_phase(name: str):
+    return contextlib.nullcontext()
 
 
 class Step:
-    """One BYOL training step of trainer.pretrain (memory pipeline), split into its phases."""
+    """One training step of trainer.pretrain (memory pipeline): its build_pretraining and train_step,
+    the batch drawn from the images in device memory; each phase timed when given a PhaseTimer."""
 
     def __init__(self, cfg, device: torch.device, images: torch.Tensor, seed: int):
         torch.manual_seed(seed)
-        pre = cfg.data.preprocessing()
-        encoder, dim = build_encoder(cfg.model.arch, cfg.model.stem)
-        model = BYOL(encoder, dim, cfg.model.projector_hidden_dim, cfg.model.projection_dim,
-                     cfg.model.predictor_hidden_dim).to(device)
-        if cfg.run.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.byol = model.train()
-        self.forward = torch.compile(model) if cfg.run.compile else model
-        views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0),
-                           color_strength=cfg.data.color_strength, grayscale_p=cfg.data.grayscale_p)
-        self.augment = BatchAugment(views, cfg.data.image_size, pre.mean, pre.std, crop=True).to(device)
-        groups = (parameter_groups([model.encoder, model.projector], cfg.optim.weight_decay)
-                  + parameter_groups([model.predictor], cfg.optim.weight_decay, cfg.optim.predictor_lr_scale))
-        self.optimizer = build_optimizer(cfg.optim.name, groups, cfg.optim.base_lr * cfg.optim.batch_size / 256,
-                                         cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.trust_coefficient)
-        self.precision = cfg.run.precision if cfg.run.precision != "auto" else (
-            "bf16" if device.type == "cuda" else "fp32")
-        self.amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.precision == "bf16" \
-            else contextlib.nullcontext
-        self.images, self.batch, self.tau = images, cfg.optim.batch_size, cfg.byol.tau_base
+        self.parts = build_pretraining(cfg, device, crop=True)
+        self.byol = self.parts.byol.train()
+        self.precision = self.parts.precision
+        self.images, self.batch = images, cfg.optim.batch_size
+        self.lr, self.tau = self.parts.lr_peak, cfg.byol.tau_base
         self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, timer: PhaseTimer | None = None):
-        phase = timer.phase if timer else (lambda name: contextlib.nullcontext())
+        phase = timer.phase if timer else _no_phase
         with phase("data"):
             idx = torch.randint(0, len(self.images), (self.batch,), device=self.images.device, generator=self.gen)
             raw = self.images[idx]
-        with phase("augment"):
-            view1, view2 = self.augment(raw)
-        with phase("forward"), self.amp():
-            loss, _ = self.forward(view1, view2)
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        with phase("ema"):
-            self.byol.update_target(self.tau)
+        loss, _ = train_step(self.parts, raw, self.lr, self.tau, phase=phase)
         return loss
 
 
@@ -142,12 +117,13 @@ def count_step_flops(step: Step) -> int:
     """FLOPs of one training step (matrix multiplies and convolutions, forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    compiled, step.forward = step.forward, step.byol  # counted on the eager model (same arithmetic)
+    parts = step.parts
+    compiled, parts.forward = parts.forward, parts.byol  # counted on the eager model (same arithmetic)
     try:
         with counter:
             step()
     finally:
-        step.forward = compiled
+        parts.forward = compiled
     return int(counter.get_total_flops())
 
 
@@ -187,7 +163,7 @@ def measure(cfg, device: torch.device, args) -> dict:
         loss = step(timer)
     sync(device)
     wall = time.perf_counter() - t0
-    phases = timer.per_step_ms()
+    phases = timer.per_step_ms(args.steps)
     step_ms = 1000 * wall / args.steps
     result = {
         "preset": cfg.preset, "arch": cfg.model.arch, "stem": cfg.model.stem, "image_size": cfg.data.image_size,
@@ -205,12 +181,6 @@ def measure(cfg, device: torch.device, args) -> dict:
     result["peak_bf16_flops"] = peak
     result["mfu"] = result["achieved_flops_per_s"] / peak if peak else None
     return result
-
-
-def machine(device: torch.device) -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def build_config(args):
@@ -267,8 +237,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     result = measure(cfg, device, args)
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine(device), **result}
+    out = {"date": now(), "machine": machine(), **result}
     print(f"{cfg.preset}: {cfg.model.arch} at {cfg.data.image_size} px, batch {cfg.optim.batch_size}, "
           f"{result['precision']}, {device}: {result['images_per_s']:.1f} images/s, "
           f"{result['step_ms']:.1f} ms/step")
@@ -279,9 +248,7 @@ def main(argv=None) -> int:
           + (f", MFU {100 * result['mfu']:.1f}% of {result['peak_bf16_flops'] / 1e12:.0f} TFLOP/s"
              if result["mfu"] is not None else ""))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return 0
 
 

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_json  # puts the repository root on sys.path
 
 
 def main(argv=None) -> int:
@@ -92,8 +89,7 @@ def main(argv=None) -> int:
         record("byol_onnx", done.vectors, np.array([names[it["label"]] for it in done.items]), t)
         results["onnx"] = {"path": args.onnx, "fingerprint": encoder.model["fingerprint"]}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_json(args.json, results, indent=1)
     return 0
 
 
@@ -121,12 +117,6 @@ class _Subset:
 
     def name(self, i):
         return self.base.name(self.indices[i])
-
-
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

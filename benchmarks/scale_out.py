@@ -1,6 +1,7 @@
 """Scale out on one small machine: app.embed's engines, the IVF-PQ build from shards, Qdrant local mode.
 
-    python benchmarks/scale_out.py embed  --images ../shared/data/cifar10/test.zip --json benchmarks/results/scale_embed.json
+    python benchmarks/scale_out.py embed  --images ../shared/data/cifar10/test.zip \
+        --json benchmarks/results/scale_embed.json
     python benchmarks/scale_out.py shards --sizes 10000000           # once: the largest collection's shards
     python benchmarks/scale_out.py ivfpq  --sizes 2000000 --json benchmarks/results/scale_ivfpq.json   # one size a run
     python benchmarks/scale_out.py qdrant --n 100000 --json benchmarks/results/scale_qdrant.json

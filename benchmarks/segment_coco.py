@@ -15,54 +15,30 @@ each run's mIoU, pixel accuracy, the best-scored classes, wall time, and the exa
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import byol_against_random, finetune, machine, now, report_transfer
 
-
-def machine() -> dict:
-    import torch
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+METRICS = ("mean_iou", "pixel_accuracy")
 
 
 def run_segment(flags: list[str], out: Path) -> dict:
     """One `python -m trainer.segment` run; returns its final metrics, wall time and command."""
-    command = [sys.executable, "-m", "trainer.segment", "--no-progress", *flags, "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"trainer.segment failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics, seconds, command = finetune("segment", flags, out)
     final = metrics["final"]
     ious = sorted(((v, k) for k, v in final["iou"].items() if v is not None), reverse=True)
-    train_seconds = final["train_seconds"]
     return {"mean_iou": final["mean_iou"], "pixel_accuracy": final["pixel_accuracy"],
             "classes_scored": final["classes_scored"], "train_loss": final["train_loss"],
             "best_classes": {k: v for v, k in ious[:8]}, "seconds": round(seconds, 1),
-            "train_seconds": round(train_seconds, 1), "backbone": metrics["backbone"],
-            "command": " ".join(command[1:])}
+            "train_seconds": round(final["train_seconds"], 1), "backbone": metrics["backbone"], "command": command}
 
 
 def compare(encoder: str, data_flags: list[str], schedule: list[str], out: Path) -> dict:
     """BYOL-initialised against random-initialised backbone, same schedule, same seed."""
-    random_spec = encoder if encoder.startswith("random:") else f"random:{encoder}"
-    runs = {}
-    for name, spec in (("byol", encoder), ("random", random_spec)):
-        runs[name] = run_segment(["--encoder", spec, *data_flags, *schedule], out / name)
-        print(f"{name:7s} mIoU {runs[name]['mean_iou']:.4f}  pixel accuracy {runs[name]['pixel_accuracy']:.4f}  "
-              f"({runs[name]['seconds']:.0f} s)", file=sys.stderr)
-    return runs
+    return byol_against_random(encoder, lambda spec, o: run_segment(["--encoder", spec, *data_flags, *schedule], o),
+                               out, lambda r: f"mIoU {r['mean_iou']:.4f}  pixel accuracy {r['pixel_accuracy']:.4f}")
 
 
 def coco_flags(data: Path) -> list[str]:
@@ -92,15 +68,10 @@ def main(argv=None) -> int:
                 "--lr", str(args.lr), "--base-size", str(args.base_size), "--crop-size", str(args.crop_size),
                 "--workers", str(args.workers), "--seed", str(args.seed), "--eval-every", "0", "--draw", "4",
                 "--device", "cpu"]
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = now()
     runs = compare(args.encoder, coco_flags(args.data), schedule, args.out)
-    result = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "settings": {
-        **{k: str(v) for k, v in vars(args).items()}}, "runs": runs,
-        "byol_minus_random": {k: runs["byol"][k] - runs["random"][k] for k in ("mean_iou", "pixel_accuracy")}}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("date", "byol_minus_random")}))
-    return 0
+    result = {"date": started, "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}}
+    return report_transfer(args.json, result, runs, METRICS)
 
 
 if __name__ == "__main__":

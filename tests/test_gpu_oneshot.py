@@ -35,7 +35,7 @@ def cifar_like_zip(path: Path, per_class: int, seed: int) -> None:
 
 def test_oneshot_tiny_rehearsal_without_the_installed_package(tmp_path):
     tree = tmp_path / "tree"  # no ../shared beside it
-    for folder in ("trainer", "export", "serving", "benchmarks"):
+    for folder in ("contract", "trainer", "export", "serving", "benchmarks"):
         shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__", "data", "results"))
     data = tree / "benchmarks" / "data" / "cifar10-subset"  # where the script looks by default
     data.mkdir(parents=True)
@@ -46,7 +46,8 @@ def test_oneshot_tiny_rehearsal_without_the_installed_package(tmp_path):
            # the tree, then the libraries; with -S no .pth file runs, so the editable byolkit is not found
            "PYTHONPATH": os.pathsep.join([str(tree), sysconfig.get_paths()["purelib"]])}
     proc = subprocess.run([sys.executable, "-S", "benchmarks/gpu_oneshot.py", "--tiny", "--part", "all",
-                           "--out", str(out)], cwd=tree, env=env, capture_output=True, text=True, timeout=600, check=False)
+                           "--out", str(out)], cwd=tree, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     smoke = json.loads((out / "gpu_oneshot_smoke.json").read_text())

@@ -15,10 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from .runtime import cli_main
 from .synthetic import SHAPES
 from .synthetic import write_shape_classes as generate
 
 
+@cli_main(errors=(ValueError,))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +35,11 @@ def main(argv=None) -> int:
     from .data import decode_all, open_collection
     from .knn import embed, knn_accuracy
     from .models import build_encoder
-    from .pretrain import main as pretrain_main
+    from .pretrain import parse_duration, run
+    try:
+        budget = parse_duration(args.time_budget)
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--time-budget: {e}")
 
     out = Path(args.out)
     data_root = out.parent / f"{out.name}-images"
@@ -41,13 +47,9 @@ def main(argv=None) -> int:
     val_dir = generate(data_root / "val", max(20, args.per_class // 5), seed=1)
     print(f"demo images: {train_dir} and {val_dir} ({len(SHAPES)} shapes)", file=sys.stderr)
 
-    flags = ["--preset", "cpu-quick", "--data", str(train_dir), "--val-data", str(val_dir), "--out", str(out),
-             "--time-budget", args.time_budget, "--epochs", "1000", "--set", "data.workers=0"]
-    if (out / "checkpoint.pt").exists():
-        flags.append("--resume")
-    code = pretrain_main(flags)
-    if code:
-        return code
+    summary = run(out, str(train_dir), preset="cpu-quick", overrides=["data.workers=0"], val_data=str(val_dir),
+                  resume=(out / "checkpoint.pt").exists(), time_budget=budget, epochs=1000)
+    print(json.dumps(summary))
 
     # The same kNN protocol on a randomly initialised copy of the architecture: the baseline.
     trained, info = load_encoder(out)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
-import signal
 import sys
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,6 @@ from .augment import BatchAugment, byol_views
 from .config import PRESETS, Config, apply_override, preset
 from .data import (
     BatchPlan,
-    DataError,
     ImageCollection,
     decode_all,
     fill_batch,
@@ -41,12 +42,10 @@ from .distributed import Dist, all_reduce, all_reduce_mean, barrier, init_distri
 from .knn import embed, knn_accuracy
 from .models import BYOL, build_encoder
 from .optim import build_optimizer, parameter_groups, tau_schedule, warmup_cosine
+from .runtime import DataError, Stop, UsageError, cli_main, log, open_run, progress_bar, resolve_device, seed_process
+from .settings import write_config
 
 MEMORY_PIPELINE_MAX_BYTES = 4 << 30  # decode into RAM when the uint8 images fit in 4 GiB
-
-
-class UsageError(ValueError):
-    """A bad command line or input, reported as one line before any work starts."""
 
 
 # ============================================================================================
@@ -62,8 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
           "\n(see config.json of a run for every setting).")
     p.add_argument("--preset", default=None, help=f"named configuration: {', '.join(PRESETS)} "
                    "(default: cpu-quick, or the resumed run's own)")
-    p.add_argument("--data", help="(required unless resuming) image folder (class sub-folders optional), zip archive of one, "
-                   "or a torchvision data set: cifar10, cifar100, stl10 (downloaded when online)")
+    p.add_argument("--data", help="(required unless resuming) image folder (class sub-folders optional), "
+                   "zip archive of one, or a torchvision data set: cifar10, cifar100, stl10 (downloaded when online)")
     p.add_argument("--out", required=True, help="run directory (created; must be new unless --resume)")
     p.add_argument("--val-data", default=None, help="labelled images for the kNN monitor "
                    "(e.g. a test split); needs labelled --data too")
@@ -102,23 +101,24 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 600, 10m, 1.5h)") from None
 
 
-FLAG_TO_SETTING = {"time_budget": "optim.time_budget_s", "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
+FLAG_TO_SETTING = {"time_budget": "optim.time_budget_s", "epochs": "optim.epochs", "max_steps": "optim.max_steps",
+                   "batch_size": "optim.batch_size",
                    "lr": "optim.base_lr", "arch": "model.arch", "device": "run.device",
                    "workers": "data.workers", "seed": "run.seed", "compile": "run.compile"}
 
 
-def resolve_config(args, saved: dict | None = None) -> Config:
-    """Preset (or the resumed run's config), then --set overrides, then the plain flags."""
-    if args.preset is None and saved is not None:
+def resolve_config(name: str | None, overrides=(), settings: dict | None = None, saved: dict | None = None) -> Config:
+    """Preset `name` (or, without one, the resumed run's config), then the --set overrides, then the
+    plain flags (`settings`, FLAG_TO_SETTING's names; None: not given)."""
+    if name is None and saved is not None:
         cfg = Config.from_dict(saved)
     else:
-        cfg = preset(args.preset or "cpu-quick")
-    for assignment in args.set:
+        cfg = preset(name or "cpu-quick")
+    for assignment in overrides:
         apply_override(cfg, assignment)
-    for flag, setting in FLAG_TO_SETTING.items():
-        value = getattr(args, flag)
+    for flag, value in (settings or {}).items():
         if value is not None:
-            apply_override(cfg, f"{setting}={json.dumps(value)}")
+            apply_override(cfg, f"{FLAG_TO_SETTING[flag]}={json.dumps(value)}")
     return cfg
 
 
@@ -143,295 +143,368 @@ def validate(cfg: Config, dist: Dist) -> None:
 
 
 # ============================================================================================
+# The parts of a run: model, augmentation, optimiser, schedules; the step
+# ============================================================================================
+@dataclasses.dataclass
+class Pretraining:
+    """What `build_pretraining` returns: everything one process needs to take BYOL steps."""
+    cfg: Config
+    byol: BYOL                      # online and target networks: what checkpoints hold
+    model: torch.nn.Module          # `byol`, or its DistributedDataParallel wrapper
+    forward: Callable               # `model`, or torch.compile(model)
+    views: tuple                    # the two view augmentations (the stream loader applies them too)
+    augment: BatchAugment
+    optimizer: torch.optim.Optimizer
+    feature_dim: int
+    device: torch.device
+    lr_peak: float                  # base_lr x batch / 256
+    precision: str                  # bf16 | fp32
+
+    def amp(self):
+        """The forward pass's autocast context (bf16), or none (fp32)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def schedules(self, total: int, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-step LR and tau over the whole run, indexed by the global step; an extended run's
+        schedules start again at optim.schedule_start."""
+        o = self.cfg.optim
+        first, warmup_steps = o.schedule_start, round(o.warmup_epochs * steps_per_epoch)
+        lr = warmup_cosine(self.lr_peak, total - first, warmup_steps)
+        tau = tau_schedule(self.cfg.byol.tau_base, total - first)
+        return np.concatenate([np.zeros(first), lr]), np.concatenate([np.ones(first), tau])
+
+
+def build_pretraining(cfg: Config, device: torch.device, crop: bool = True, distributed: bool = False) -> Pretraining:
+    """The networks, the batched augmentation, the optimiser and the schedules of `cfg` on `device`.
+
+    `crop`: the augmentation crops uint8 images itself (memory pipeline); without it the batches come
+    cropped by the loader (stream pipeline). `distributed`: DDP (and SyncBatchNorm on CUDA).
+    """
+    pre = cfg.data.preprocessing()
+    views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0),
+                       color_strength=cfg.data.color_strength, grayscale_p=cfg.data.grayscale_p)
+    augment = BatchAugment(views, cfg.data.image_size, pre.mean, pre.std, crop=crop).to(device)
+    encoder, feature_dim = build_encoder(cfg.model.arch, cfg.model.stem)
+    byol = BYOL(encoder, feature_dim, cfg.model.projector_hidden_dim, cfg.model.projection_dim,
+                cfg.model.predictor_hidden_dim)
+    if distributed and device.type == "cuda":
+        byol = torch.nn.SyncBatchNorm.convert_sync_batchnorm(byol)
+    byol = byol.to(device)
+    if cfg.run.channels_last:
+        byol = byol.to(memory_format=torch.channels_last)
+    model = byol
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            byol, device_ids=[device.index] if device.type == "cuda" else None)
+    o = cfg.optim
+    groups = (parameter_groups([byol.encoder, byol.projector], o.weight_decay)
+              + parameter_groups([byol.predictor], o.weight_decay, o.predictor_lr_scale))
+    lr_peak = o.base_lr * o.batch_size / 256
+    optimizer = build_optimizer(o.name, groups, lr_peak, o.momentum, o.weight_decay, o.trust_coefficient)
+    precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return Pretraining(cfg, byol, model, torch.compile(model) if cfg.run.compile else model, views, augment,
+                       optimizer, feature_dim, device, lr_peak, precision)
+
+
+def _no_phase(name: str):
+    return contextlib.nullcontext()
+
+
+def train_step(p: Pretraining, raw: torch.Tensor, lr: float, tau: float, weight: float = 1.0,
+               phase: Callable = _no_phase) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch of uint8 images; the target then moves towards the online network.
+
+    The batch is split into optim.accumulate micro-batches (under DDP the gradients are all-reduced
+    on the last only); `weight` scales the loss (0: a blank batch that only keeps DDP in step).
+    `phase(name)` is a context around each part (augment, forward, backward, optimizer, ema): the
+    speed benchmark times them. Returns the last micro-batch's loss and projections (on the device).
+    """
+    for g in p.optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    micro = p.cfg.optim.accumulate
+    for k, chunk in enumerate(raw.chunk(micro)):
+        with phase("augment"):
+            view1, view2 = p.augment(chunk)
+        last = p.model is p.byol or k == micro - 1
+        with contextlib.nullcontext() if last else p.model.no_sync():
+            with phase("forward"), p.amp():
+                loss, projection = p.forward(view1, view2)
+            with phase("backward"):
+                (loss * (weight / micro)).backward()
+    with phase("optimizer"):
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+    with phase("ema"):
+        p.byol.update_target(tau)
+    return loss, projection
+
+
+class Feed:
+    """The training images of one process: decoded into device memory once (memory pipeline), or
+    decoded, cropped and augmented per image by loader workers (stream pipeline)."""
+
+    def __init__(self, cfg: Config, data: str, dist: Dist, progress: bool):
+        self.collection = collection = open_collection(data)
+        self.plan = BatchPlan(len(collection), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
+        if self.plan.steps_per_epoch == 0:
+            raise DataError("no full batch fits in the data set; lower --batch-size")
+        self.cfg, self.dist, self.pre = cfg, dist, cfg.data.preprocessing()
+        self.pipeline = cfg.data.pipeline
+        if self.pipeline == "auto":
+            fits = len(collection) * 3 * self.pre.resize_size ** 2 <= MEMORY_PIPELINE_MAX_BYTES
+            self.pipeline = "memory" if fits and cfg.data.image_size <= 96 else "stream"
+        self.images = self.labels = self.batches = None
+        self.skipped = self.empty_steps = 0  # unreadable images; steps with none readable (no update)
+        if self.pipeline == "memory":
+            t0 = time.perf_counter()
+            images, self.labels, skipped = decode_all(collection, self.pre, workers=cfg.data.workers,
+                                                      progress=progress and dist.is_main,
+                                                      desc="decoding images into memory")
+            if skipped:
+                log(dist, f"skipped {skipped} unreadable image(s) of {len(collection)}")
+            self.images = images.to(dist.device)
+            self.plan = BatchPlan(len(images), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world,
+                                  dist.device)
+            log(dist, f"decoded {len(images)} images ({collection.description}) in {time.perf_counter() - t0:.1f}s")
+
+    def start(self, views, start_step: int, total_steps: int) -> None:
+        if self.pipeline == "stream":
+            cfg, device = self.cfg, self.dist.device
+            loader = stream_loader(self.collection, self.plan, cfg.data.image_size, views, cfg.run.seed, start_step,
+                                   total_steps, cfg.data.workers, pin_memory=device.type == "cuda")
+            self.batches = prefetch_to_device(loader, device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor | None, float]:
+        """The step's uint8 batch and its loss weight; None: nothing to train on this step."""
+        if self.pipeline == "memory":
+            return self.images[self.plan.indices(step)], 1.0
+        # unreadable images are left out by the loader; the batch is refilled to its full size from
+        # the readable ones (fixed shapes; never a BatchNorm batch of one). With none readable the
+        # step still counts but changes nothing: skipped alone, or (DDP, whose gradient all-reduce
+        # needs every process) run on a blank batch with a zero loss weight
+        raw, skipped = next(self.batches)
+        self.skipped += skipped
+        raw = fill_batch(raw, self.plan.local_batch)
+        if raw is not None:
+            return raw, 1.0
+        self.empty_steps += 1
+        if not self.dist.enabled:
+            return None, 1.0
+        size = self.cfg.data.image_size
+        return torch.zeros((self.plan.local_batch, 2, 3, size, size), dtype=torch.uint8, device=self.dist.device), 0.0
+
+
+# ============================================================================================
 # Training
 # ============================================================================================
-class Stop:
-    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def log(dist: Dist, msg: str) -> None:
-    """A message on stderr from the main process, printed above the progress bar."""
-    if dist.is_main:
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stderr)
+def start_process(cfg: Config) -> Dist:
+    """This process's device (and torchrun's process group), checked settings, seed, fast CUDA kernels."""
+    dist = init_distributed(resolve_device(cfg.run.device))
+    validate(cfg, dist)
+    seed_process(cfg.run.seed, dist.rank)  # each process augments differently
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dist
 
 
 def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, val_data: str | None = None,
           progress: bool = True, profile_dir: str | None = None, stop_after_steps: int | None = None) -> dict:
     """Train BYOL; `resume_state` is a loaded checkpoint to continue from."""
-    # ---- 1. processes, device, precision, seeds ----------------------------------------------
-    want = cfg.run.device
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    dist = init_distributed(device_type)
-    validate(cfg, dist)
-    device = dist.device
-    precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    torch.manual_seed(cfg.run.seed + dist.rank)  # each process augments differently
-    if device_type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # ---- 2. data ------------------------------------------------------------------------------
-    collection = open_collection(data)
-    plan = BatchPlan(len(collection), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
-    if plan.steps_per_epoch == 0:
-        raise DataError("no full batch fits in the data set; lower --batch-size")
-    pre = cfg.data.preprocessing()
-    size = cfg.data.image_size
-    pipeline = cfg.data.pipeline
-    if pipeline == "auto":
-        fits = len(collection) * 3 * pre.resize_size ** 2 <= MEMORY_PIPELINE_MAX_BYTES
-        pipeline = "memory" if fits and size <= 96 else "stream"
-    views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0),
-                       color_strength=cfg.data.color_strength, grayscale_p=cfg.data.grayscale_p)
-    augment = BatchAugment(views, size, pre.mean, pre.std, crop=(pipeline == "memory")).to(device)
-    images = labels = None
-    if pipeline == "memory":
-        t0 = time.perf_counter()
-        images, labels, skipped = decode_all(collection, pre, workers=cfg.data.workers,
-                                             progress=progress and dist.is_main, desc="decoding images into memory")
-        if skipped:
-            log(dist, f"skipped {skipped} unreadable image(s) of {len(collection)}")
-        images = images.to(device)
-        plan = BatchPlan(len(images), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world, device)
-        log(dist, f"decoded {len(images)} images ({collection.description}) in {time.perf_counter() - t0:.1f}s")
-
-    # ---- 3. networks --------------------------------------------------------------------------
-    encoder, feature_dim = build_encoder(cfg.model.arch, cfg.model.stem)
-    model = BYOL(encoder, feature_dim, cfg.model.projector_hidden_dim, cfg.model.projection_dim,
-                 cfg.model.predictor_hidden_dim)
-    if dist.enabled and device_type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if cfg.run.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    byol = model
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device_type == "cuda" else None)
-    forward = torch.compile(model) if cfg.run.compile else model
-
-    # ---- 4. optimiser and schedules (precomputed per step) ------------------------------------
-    groups = (parameter_groups([byol.encoder, byol.projector], cfg.optim.weight_decay)
-              + parameter_groups([byol.predictor], cfg.optim.weight_decay, cfg.optim.predictor_lr_scale))
-    lr_peak = cfg.optim.base_lr * cfg.optim.batch_size / 256
-    optimizer = build_optimizer(cfg.optim.name, groups, lr_peak, cfg.optim.momentum, cfg.optim.weight_decay,
-                                cfg.optim.trust_coefficient)
+    dist = start_process(cfg)
+    feed = Feed(cfg, data, dist, progress)
+    p = build_pretraining(cfg, dist.device, crop=feed.pipeline == "memory", distributed=dist.enabled)
     first = cfg.optim.schedule_start  # 0, or where an extended run's schedules start again
-    total_steps = cfg.optim.max_steps or first + cfg.optim.epochs * plan.steps_per_epoch
-    warmup_steps = int(round(cfg.optim.warmup_epochs * plan.steps_per_epoch))
-
-    def schedules(total: int):
-        """Per-step LR and tau over the whole run, indexed by the global step."""
-        lr = warmup_cosine(lr_peak, total - first, warmup_steps)
-        tau = tau_schedule(cfg.byol.tau_base, total - first)
-        return np.concatenate([np.zeros(first), lr]), np.concatenate([np.ones(first), tau])
-    lr_at, tau_at = schedules(total_steps)
-    budget = TimeBudget(cfg.optim.time_budget_s, start_step=0, first_step=first)
-    seconds_before = 0.0  # training seconds of the run before this process (a resumed or extended run)
-
-    # ---- 5. run directory and resume ----------------------------------------------------------
-    start_step = 0
+    total_steps = cfg.optim.max_steps or first + cfg.optim.epochs * feed.plan.steps_per_epoch
+    lr_at, tau_at = p.schedules(total_steps, feed.plan.steps_per_epoch)
+    start_step, seconds_before = 0, 0.0  # training seconds of the run before this process
     if resume_state is not None:
-        state = resume_state
-        ckpt_io.check_same_model(state["config"], cfg.to_dict(), out / ckpt_io.CHECKPOINT_NAME)
-        byol.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt_io.set_rng_state(state["rng"])
-        if dist.rank:  # the checkpoint holds rank 0's generator; the others must differ from it
-            torch.manual_seed(cfg.run.seed + dist.rank + 7919 * int(state["step"]))
-        start_step = int(state["step"])
-        seconds_before = float(state.get("train_seconds", 0.0))
-        budget = TimeBudget(cfg.optim.time_budget_s, start_step, first_step=first)
-        if first == start_step:
-            log(dist, f"extending {out} from step {start_step} ({seconds_before:.0f}s trained): the LR and tau "
-                      f"schedules start again")
-        else:
-            log(dist, f"resumed {out} at step {start_step}/{total_steps}")
+        start_step, seconds_before = restore(p, resume_state, out, dist, total_steps)
+    budget = TimeBudget(cfg.optim.time_budget_s, start_step, first_step=first)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
+        write_config(out, cfg)
     barrier(dist)
-
-    knn_data = None
+    knn = None
     if val_data and dist.is_main:  # the monitor runs in the main process only; the others never decode for it
-        knn_data = KnnMonitor(collection, images, labels, val_data, pre, cfg, device, progress)
-        log(dist, f"kNN monitor: {len(knn_data.train_images)} memory images, {len(knn_data.val_images)} queries")
+        knn = KnnMonitor(feed.collection, feed.images, feed.labels, val_data, feed.pre, cfg, dist.device, progress)
+        log(dist, f"kNN monitor: {len(knn.train_images)} memory images, {len(knn.val_images)} queries")
     checkpoints = CheckpointClock(cfg.run.checkpoint_every, cfg.run.checkpoint_every_s)
-
-    def save(step: int):
-        write_logged()  # a checkpoint synchronises anyway: the metrics it covers go to disk before it
-        t0 = time.perf_counter()
-        if dist.is_main:
-            ckpt_io.save_checkpoint(out, model=byol, optimizer=optimizer, step=step, config=cfg.to_dict(),
-                                    extra={"data": str(data), "val_data": val_data,
-                                           "train_seconds": seconds_before + budget.elapsed()})
-            ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch,
-                                 stem=cfg.model.stem, embedding_dim=feature_dim, preprocessing=pre, step=step)
-        checkpoints.saved(time.perf_counter() - t0)
-        window["t0"] += time.perf_counter() - t0  # the log window's images/s is training speed: saves left out
-
-    # ---- 6. the training loop -----------------------------------------------------------------
-    metrics_file = open(out / "metrics.jsonl", "a") if dist.is_main else None
-    writer = _tensorboard(out) if dist.is_main else None
-    stop = Stop()
-    stop.install()
-    batches = None
-    if pipeline == "stream":
-        batches = prefetch_to_device(stream_loader(collection, plan, size, views, cfg.run.seed, start_step,
-                                                   total_steps, cfg.data.workers, pin_memory=device_type == "cuda"),
-                                     device)
-    amp = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    micro = cfg.optim.accumulate
-    profiler = _profiler(profile_dir, device_type) if profile_dir and dist.is_main else None
-    bar = _progress_bar(total_steps, start_step, progress and dist.is_main)
-    window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": 0}
-    empty_steps = 0  # steps whose images were all unreadable: counted, but no update
+    logger = RunLogger(out, cfg, dist, total_steps, start_step, progress)
+    extra = {"data": str(data), "val_data": val_data}
+    feed.start(p.views, start_step, total_steps)
+    profiler = _profiler(profile_dir, dist.device.type) if profile_dir and dist.is_main else None
     loss = projection = None
-    last_loss = float("nan")
-    logged = DeferredMetrics()
-
-    def write_logged():
-        """Writes the record whose device values were queued one log interval ago (they are long
-        copied by now, so reading them does not stall the device)."""
-        nonlocal last_loss
-        record = logged.pop()
-        if record is None:
-            return
-        last_loss = record["loss"]
-        if dist.is_main:
-            _write_metrics(metrics_file, writer, record)
-            bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
-                            lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
-            if record["projection_std"] < 0.1 / math.sqrt(cfg.model.projection_dim):
-                log(dist, f"warning: step {record['step']}: the representation looks collapsed (per-dimension "
-                          f"std of normalised projections {record['projection_std']:.2e}); lower the LR or "
-                          f"raise tau")
-    byol.train()
+    p.byol.train()
     budget.start()
-    step = start_step
-    while step < total_steps:
-        # -- data: a batch of two augmented views
-        t_data = time.perf_counter()
-        weight = 1.0
-        if pipeline == "memory":
-            raw = images[plan.indices(step)]
-        else:
-            # unreadable images are left out by the loader; the batch is refilled to its full size from
-            # the readable ones (fixed shapes; never a BatchNorm batch of one). With none readable the
-            # step still counts but changes nothing: skipped alone, or (DDP, whose gradient all-reduce
-            # needs every process) run on a blank batch with a zero loss weight
-            raw, skipped = next(batches)
-            window["skipped"] += skipped
-            raw = fill_batch(raw, plan.local_batch)
-            if raw is None:
-                empty_steps += 1
-                if dist.enabled:
-                    raw = torch.zeros((plan.local_batch, 2, 3, size, size), dtype=torch.uint8, device=device)
-                    weight = 0.0
-        window["data"] += time.perf_counter() - t_data
+    with Stop() as stop:  # SIGINT/SIGTERM: checkpoint and stop; the handlers before come back after
+        step = start_step
+        while step < total_steps:
+            t_data = time.perf_counter()
+            raw, weight = feed.batch(step)
+            logger.window["data"] += time.perf_counter() - t_data
+            if raw is not None:  # Python floats: numpy scalars break weights_only loading
+                loss, projection = train_step(p, raw, float(lr_at[step]), float(tau_at[step + 1]), weight)
+                logger.window["steps"] += 1
+            if profiler:
+                profiler.step()
 
-        if raw is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = float(lr_at[step]) * g["lr_scale"]  # Python floats: numpy scalars break weights_only loading
+            done = step + 1
+            # -- a time budget fixes the step count once the speed is known (early in warmup,
+            #    where the schedules do not yet depend on it)
+            new_total = budget.after_step(done, total_steps, dist)
+            if new_total != total_steps:
+                total_steps = new_total
+                lr_at, tau_at = p.schedules(total_steps, feed.plan.steps_per_epoch)
+                cfg.optim.max_steps = total_steps  # what a resume continues with
+                if dist.is_main:
+                    write_config(out, cfg)
+                    logger.bar.total = total_steps
+                    log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
 
-            # -- forward and backward, optionally over several micro-batches
-            for k, chunk in enumerate(raw.chunk(micro)):
-                view1, view2 = augment(chunk)
-                sync = contextlib.nullcontext() if (not dist.enabled or k == micro - 1) else model.no_sync()
-                with sync:
-                    with amp:
-                        loss, projection = forward(view1, view2)
-                    (loss * (weight / micro)).backward()
-
-            # -- optimiser step, then the target moves towards the online network
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            byol.update_target(float(tau_at[step + 1]))
-            window["steps"] += 1
-        if profiler:
-            profiler.step()
-
-        done = step + 1
-        # -- a time budget fixes the step count once the speed is known (early in warmup,
-        #    where the schedules do not yet depend on it)
-        new_total = budget.after_step(done, total_steps, dist)
-        if new_total != total_steps:
-            total_steps = new_total
-            lr_at, tau_at = schedules(total_steps)
-            cfg.optim.max_steps = total_steps  # what a resume continues with
-            if dist.is_main:
-                ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
-                bar.total = total_steps
-                log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
-
-        # -- logging without host synchronisation: the loss and projection spread are queued as a
-        #    non-blocking copy to host memory and written out at the next log step (or checkpoint)
-        if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
-            elapsed = time.perf_counter() - window["t0"]
-            record = {"step": done, "epoch": done / plan.steps_per_epoch,
-                      "train_seconds": round(seconds_before + budget.elapsed(), 2),
-                      "lr": float(lr_at[step]), "tau": float(tau_at[done]),
-                      "images_per_s": window["steps"] * cfg.optim.batch_size / elapsed,
-                      "data_wait": window["data"] / elapsed, "skipped_images": window["skipped"]}
-            write_logged()
-            logged.push(record, loss=all_reduce_mean(loss.detach().float(), dist),
-                        projection_std=_projection_std(projection))
-            window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "skipped": window["skipped"]}
-        if dist.is_main:
-            bar.update(1)
-
-        epoch_end = done % plan.steps_per_epoch == 0
-        if stop_after_steps and done - start_step >= stop_after_steps and done < total_steps:
-            stop.requested = True
-        if checkpoints.due(done) or done == total_steps or stop.requested:
-            save(done)
-        if knn_data and epoch_end and cfg.run.knn_every and (done // plan.steps_per_epoch) % cfg.run.knn_every == 0 \
-                and done != total_steps:
-            if dist.is_main:
+            if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
+                logger.step(done, done / feed.plan.steps_per_epoch, seconds_before + budget.elapsed(),
+                            float(lr_at[step]), float(tau_at[done]), feed.skipped, loss, projection)
+            logger.advance()
+            if stop_after_steps and done - start_step >= stop_after_steps and done < total_steps:
+                stop.requested = True
+            if checkpoints.due(done) or done == total_steps or stop.requested:
+                with logger.excluded() as t:  # the log window's images/s is training speed: saves left out
+                    save(out, p, done, dist, {**extra, "train_seconds": seconds_before + budget.elapsed()})
+                checkpoints.saved(t.seconds)
+            epoch = done // feed.plan.steps_per_epoch
+            if knn and done % feed.plan.steps_per_epoch == 0 and cfg.run.knn_every and epoch % cfg.run.knn_every == 0 \
+                    and done != total_steps:
                 with budget.paused():  # evaluation time is not training time
-                    scores = {f"knn_{k}": v for k, v in knn_data.run(byol.encoder).items()}
-                _write_metrics(metrics_file, writer, {"step": done, "train_seconds": seconds_before + budget.elapsed(),
-                                                      **scores})
-        step = done
-        if stop.requested:
-            log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
-            break
-    write_logged()
-    bar.close()
+                    scores = {f"knn_{k}": v for k, v in knn.run(p.byol.encoder).items()}
+                logger.write({"step": done, "train_seconds": seconds_before + budget.elapsed(), **scores})
+            step = done
+            if stop.requested:
+                log(dist, f"\nstopped at step {done}; checkpoint written, continue with --resume")
+                break
+    logger.flush()
+    logger.bar.close()
     if profiler:
         profiler.stop()
 
-    # ---- 7. final evaluation and summary ------------------------------------------------------
     summary = {"steps": step, "total_steps": total_steps, "train_seconds": seconds_before + budget.elapsed(),
-               "loss": last_loss, "pipeline": pipeline, "precision": precision, "world_size": dist.world,
-               "checkpoints": checkpoints.count, "checkpoint_seconds": round(checkpoints.seconds, 3),
-               "empty_steps": empty_steps}
-    if knn_data and dist.is_main and not stop.requested:
-        summary.update({f"knn_{k}": v for k, v in knn_data.run(byol.encoder).items()})
-        _write_metrics(metrics_file, writer, {"step": step, "train_seconds": summary["train_seconds"], **{k: summary[k] for k in summary if k.startswith("knn")}})
+               "loss": logger.last_loss, "pipeline": feed.pipeline, "precision": p.precision,
+               "world_size": dist.world, "checkpoints": checkpoints.count,
+               "checkpoint_seconds": round(checkpoints.seconds, 3), "empty_steps": feed.empty_steps}
+    if knn and dist.is_main and not stop.requested:
+        scores = {f"knn_{k}": v for k, v in knn.run(p.byol.encoder).items()}
+        summary.update(scores)
+        logger.write({"step": step, "train_seconds": summary["train_seconds"], **scores})
+    logger.close()
     if dist.is_main:
-        metrics_file.close()
-        if writer:
-            writer.close()
         ckpt_io.atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     barrier(dist)
     shutdown(dist)
     return summary
+
+
+def restore(p: Pretraining, state: dict, out: Path, dist: Dist, total_steps: int) -> tuple[int, float]:
+    """Load a checkpoint into the parts of a run; its step and training seconds so far."""
+    cfg = p.cfg
+    ckpt_io.check_same_model(state["config"], cfg.to_dict(), out / ckpt_io.CHECKPOINT_NAME)
+    p.byol.load_state_dict(state["model"])
+    p.optimizer.load_state_dict(state["optimizer"])
+    ckpt_io.set_rng_state(state["rng"])
+    if dist.rank:  # the checkpoint holds rank 0's generator; the others must differ from it
+        seed_process(cfg.run.seed, dist.rank, int(state["step"]))
+    start_step, seconds_before = int(state["step"]), float(state.get("train_seconds", 0.0))
+    if cfg.optim.schedule_start == start_step:
+        log(dist, f"extending {out} from step {start_step} ({seconds_before:.0f}s trained): the LR and tau "
+                  f"schedules start again")
+    else:
+        log(dist, f"resumed {out} at step {start_step}/{total_steps}")
+    return start_step, seconds_before
+
+
+def save(out: Path, p: Pretraining, step: int, dist: Dist, extra: dict) -> None:
+    """checkpoint.pt (to resume) and encoder.safetensors (to use), from the main process."""
+    if dist.is_main:
+        cfg = p.cfg
+        ckpt_io.save_checkpoint(out, model=p.byol, optimizer=p.optimizer, step=step, config=cfg.to_dict(),
+                                extra=extra)
+        ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, p.byol.encoder, arch=cfg.model.arch, stem=cfg.model.stem,
+                             embedding_dim=p.feature_dim, preprocessing=cfg.data.preprocessing(), step=step)
+
+
+class RunLogger:
+    """metrics.jsonl, TensorBoard and the progress bar (main process), and the log window's speed.
+
+    Logging never synchronises the host with the device: a log step queues its loss and projection
+    spread as a non-blocking copy to host memory (DeferredMetrics), written out at the next log step
+    (or checkpoint), by when the copy has long finished.
+    """
+
+    def __init__(self, out: Path, cfg: Config, dist: Dist, total_steps: int, start_step: int, progress: bool):
+        self.cfg, self.dist = cfg, dist
+        self.file = open(out / "metrics.jsonl", "a") if dist.is_main else None  # noqa: SIM115 - close()
+        self.writer = _tensorboard(out) if dist.is_main else None
+        self.bar = progress_bar(total_steps, start_step, progress and dist.is_main, desc="BYOL")
+        self.window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0}
+        self.pending = DeferredMetrics()
+        self.last_loss = float("nan")
+
+    def step(self, done: int, epoch: float, train_seconds: float, lr: float, tau: float, skipped: int,
+             loss: torch.Tensor, projection: torch.Tensor) -> None:
+        """A log step: the previous record written, this one queued, a new speed window begun."""
+        w = self.window
+        elapsed = time.perf_counter() - w["t0"]
+        record = {"step": done, "epoch": epoch, "train_seconds": round(train_seconds, 2), "lr": lr, "tau": tau,
+                  "images_per_s": w["steps"] * self.cfg.optim.batch_size / elapsed,
+                  "data_wait": w["data"] / elapsed, "skipped_images": skipped}
+        self.flush()
+        self.pending.push(record, loss=all_reduce_mean(loss.detach().float(), self.dist),
+                          projection_std=_projection_std(projection))
+        self.window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0}
+
+    def flush(self) -> None:
+        """Writes the record queued one log interval ago (its values long copied to the host)."""
+        record = self.pending.pop()
+        if record is None:
+            return
+        self.last_loss = record["loss"]
+        if self.dist.is_main:
+            _write_metrics(self.file, self.writer, record)
+            self.bar.set_postfix(loss=f"{self.last_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
+                                 lr=f"{record['lr']:.3g}", tau=f"{record['tau']:.4f}")
+            if record["projection_std"] < 0.1 / math.sqrt(self.cfg.model.projection_dim):
+                log(self.dist, f"warning: step {record['step']}: the representation looks collapsed (per-dimension "
+                               f"std of normalised projections {record['projection_std']:.2e}); lower the LR or "
+                               f"raise tau")
+
+    def write(self, record: dict) -> None:
+        """An evaluation record, written at once (main process)."""
+        if self.dist.is_main:
+            _write_metrics(self.file, self.writer, record)
+
+    def advance(self) -> None:
+        if self.dist.is_main:
+            self.bar.update(1)
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time left out of the speed window (a checkpoint); the metrics it covers go to disk before it."""
+        self.flush()
+        timing = types.SimpleNamespace(seconds=0.0)
+        t0 = time.perf_counter()
+        try:
+            yield timing
+        finally:
+            timing.seconds = time.perf_counter() - t0
+            self.window["t0"] += timing.seconds
+
+    def close(self) -> None:
+        if self.dist.is_main:
+            self.file.close()
+            if self.writer:
+                self.writer.close()
 
 
 class TimeBudget:
@@ -611,11 +684,6 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _progress_bar(total: int, start: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="BYOL", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
 def _profiler(out_dir: str, device_type: str):
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
@@ -626,38 +694,51 @@ def _profiler(out_dir: str, device_type: str):
 
 
 # ============================================================================================
+def run(out: str | Path, data: str | None = None, *, preset: str | None = None, overrides=(),
+        val_data: str | None = None, resume: bool = False, extend: bool = False, progress: bool = True,
+        profile_dir: str | None = None, stop_after_steps: int | None = None, **settings) -> dict:
+    """Train a BYOL encoder into the run directory `out`: `python -m trainer.pretrain` as a function.
+
+    `preset` names a configuration (default cpu-quick, or the resumed run's own); `overrides` are
+    `section.key=value` assignments (--set); `settings` are the command's plain flags by name:
+    time_budget (seconds), epochs, max_steps, batch_size, lr, arch, device, workers, seed, compile.
+    `resume` continues the run in `out` from its checkpoint (from scratch when there is none yet);
+    `extend` trains a finished run on for a further time_budget or max_steps. Returns the summary
+    (also written to out/summary.json); bad input raises UsageError, DataError or CheckpointError.
+    """
+    out = Path(out)
+    unknown = set(settings) - set(FLAG_TO_SETTING)
+    if unknown:
+        raise UsageError(f"unknown setting(s) {', '.join(sorted(unknown))}; use overrides for "
+                         f"section.key=value settings")
+    if extend and not (out / ckpt_io.CHECKPOINT_NAME).is_file():
+        raise UsageError(f"--extend: no run to extend in {out} (no {ckpt_io.CHECKPOINT_NAME})")
+    if extend and not (settings.get("time_budget") or settings.get("max_steps")):
+        raise UsageError("--extend needs --time-budget or --max-steps: how much longer to train")
+    state = open_run(out, resume or extend)
+    if state is not None:
+        data = data or state.get("data")  # the run remembers its data
+        val_data = val_data or state.get("val_data")
+    cfg = resolve_config(preset, overrides, settings, state["config"] if state else None)
+    if extend:  # the budget and the step count given are on top of what the run has done
+        cfg.optim.schedule_start = int(state["step"])
+        max_steps = settings.get("max_steps")
+        cfg.optim.max_steps = cfg.optim.schedule_start + max_steps if max_steps else 0
+        cfg.optim.time_budget_s = settings.get("time_budget") or 0.0
+    if not data:
+        raise UsageError("--data is required (an image folder, a zip archive, or cifar10/cifar100/stl10)")
+    if stop_after_steps is not None and stop_after_steps < 1:
+        raise UsageError("--stop-after-steps must be at least 1")
+    return train(cfg, str(data), out, resume_state=state, val_data=None if val_data is None else str(val_data),
+                 progress=progress, profile_dir=profile_dir, stop_after_steps=stop_after_steps)
+
+
+@cli_main(errors=(ValueError,))
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    try:
-        state = None
-        if args.extend and not (out / ckpt_io.CHECKPOINT_NAME).is_file():
-            raise UsageError(f"--extend: no run to extend in {out} (no {ckpt_io.CHECKPOINT_NAME})")
-        if args.extend and not (args.time_budget or args.max_steps):
-            raise UsageError("--extend needs --time-budget or --max-steps: how much longer to train")
-        if (args.resume or args.extend) and (out / ckpt_io.CHECKPOINT_NAME).is_file():
-            state = ckpt_io.load_checkpoint(out / ckpt_io.CHECKPOINT_NAME)
-            args.data = args.data or state.get("data")  # the run remembers its data
-            args.val_data = args.val_data or state.get("val_data")
-        elif args.resume:
-            print(f"--resume: no checkpoint in {out} yet, starting from scratch", file=sys.stderr)
-        elif (out / ckpt_io.CHECKPOINT_NAME).exists():
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-        cfg = resolve_config(args, state["config"] if state else None)
-        if args.extend:  # the budget and the step count given are on top of what the run has done
-            cfg.optim.schedule_start = int(state["step"])
-            cfg.optim.max_steps = cfg.optim.schedule_start + args.max_steps if args.max_steps else 0
-            cfg.optim.time_budget_s = args.time_budget or 0.0
-        if not args.data:
-            raise UsageError("--data is required (an image folder, a zip archive, or cifar10/cifar100/stl10)")
-        if args.stop_after_steps is not None and args.stop_after_steps < 1:
-            raise UsageError("--stop-after-steps must be at least 1")
-        summary = train(cfg, args.data, out, resume_state=state, val_data=args.val_data,
-                        progress=not args.no_progress, profile_dir=args.profile,
-                        stop_after_steps=args.stop_after_steps)
-    except (UsageError, DataError, ckpt_io.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run(args.out, args.data, preset=args.preset, overrides=args.set, val_data=args.val_data,
+                  resume=args.resume, extend=args.extend, progress=not args.no_progress, profile_dir=args.profile,
+                  stop_after_steps=args.stop_after_steps, **{flag: getattr(args, flag) for flag in FLAG_TO_SETTING})
     print(json.dumps(summary))
     return 0
 
