@@ -19,8 +19,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    image_size: int = 224             # side of the training views and of the encoder's input
+    image_size: int = 224             # side of the training views (and of the encoder's input: see eval_size)
     resize_size: int = 0              # evaluation resize before the centre crop; 0: derived
+    eval_size: int = 0                # the encoder's input side after training; 0: image_size. Larger than the
+                                      # views, it sees objects at the size the random crops showed them ("FixRes")
     mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list = field(default_factory=lambda: list(IMAGENET_STD))
     blur: bool = True                 # small-image presets drop the Gaussian blur
@@ -31,8 +33,13 @@ class DataConfig:
     workers: int = 8
 
     def preprocessing(self) -> Preprocessing:
-        pre = Preprocessing.for_image_size(self.image_size, self.mean, self.std)
+        """The inference contract, saved with the encoder."""
+        pre = Preprocessing.for_image_size(self.eval_size or self.image_size, self.mean, self.std)
         return dataclasses.replace(pre, resize_size=self.resize_size) if self.resize_size else pre
+
+    def train_preprocessing(self) -> Preprocessing:
+        """What training decodes the images to before its random crops: the contract at image_size."""
+        return dataclasses.replace(self, eval_size=0).preprocessing()
 
 
 @dataclass

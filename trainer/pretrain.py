@@ -191,7 +191,7 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
     plan = BatchPlan(len(collection), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
     if plan.steps_per_epoch == 0:
         raise DataError("no full batch fits in the data set; lower --batch-size")
-    pre = cfg.data.preprocessing()
+    pre = cfg.data.train_preprocessing()  # the encoder saved carries cfg.data.preprocessing()
     size = cfg.data.image_size
     pipeline = cfg.data.pipeline
     if pipeline == "auto":
@@ -281,7 +281,8 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
                                     extra={"data": str(data), "val_data": val_data,
                                            "train_seconds": seconds_before + budget.elapsed()})
             ckpt_io.save_encoder(out / ckpt_io.ENCODER_NAME, byol.encoder, arch=cfg.model.arch,
-                                 stem=cfg.model.stem, embedding_dim=feature_dim, preprocessing=pre, step=step)
+                                 stem=cfg.model.stem, embedding_dim=feature_dim,
+                                 preprocessing=cfg.data.preprocessing(), step=step)
         checkpoints.saved(time.perf_counter() - t0)
         window["t0"] += time.perf_counter() - t0  # the log window's images/s is training speed: saves left out
 
@@ -371,13 +372,14 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
         #    where the schedules do not yet depend on it)
         new_total = budget.after_step(done, total_steps, dist)
         if new_total != total_steps:
-            total_steps = new_total
+            first_fit, total_steps = total_steps == budget.configured, new_total  # refits adjust it quietly
             lr_at, tau_at = schedules(total_steps)
             cfg.optim.max_steps = total_steps  # what a resume continues with
             if dist.is_main:
                 ckpt_io.atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(cfg.dumps()))
                 bar.total = total_steps
-                log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
+                if first_fit:
+                    log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for about {total_steps} steps")
 
         # -- logging without host synchronisation: the loss and projection spread are queued as a
         #    non-blocking copy to host memory and written out at the next log step (or checkpoint)
@@ -435,18 +437,22 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
 
 
 class TimeBudget:
-    """Turns a wall-clock budget into a step count, measured over steps 3-12 of the run.
+    """Turns a wall-clock budget into a step count, measured over steps 3-12 of the run, then again
+    and again from the speed since the last fit: at doubling steps (24, 48, ...), then halfway
+    through what is left (the first steps run slower than the rest, and other jobs come and go:
+    fitted once, a 3-minute run at batch 32 on two shared cores trained for 149 s).
 
-    Only ever shortens the configured run. The warmup LR ramp does not depend on the total,
-    and tau barely moves in the first steps, so fixing the total this late changes nothing.
+    Only ever shortens the configured run. The warmup LR ramp does not depend on the total, and
+    tau barely moves in the first steps; a later refit moves the cosine schedules a little.
     """
     FIRST, LAST = 2, 12
 
     def __init__(self, seconds: float, start_step: int, first_step: int = 0):
         self.first = first_step  # steps are counted from where the schedules start
         self.seconds, self.active = seconds, seconds > 0 and start_step < first_step + self.LAST
-        self.t_begin = self.t_first = None
+        self.t_begin = self.mark = self.configured = None
         self.excluded = 0.0
+        self.next_fit = self.LAST
 
     def start(self):
         self.t_begin = time.perf_counter()
@@ -468,16 +474,19 @@ class TimeBudget:
             return total
         done_here = done - self.first
         if done_here == self.FIRST:
-            _sync_device()  # the loop never waits for the device: the two clock readings must
-            self.t_first = time.perf_counter()
-        if done_here < self.LAST or self.t_first is None:
+            _sync_device()  # the loop never waits for the device: the clock readings must
+            self.mark = (done_here, self.elapsed())
+        if done_here < self.next_fit or self.mark is None:
             return total
-        self.active = False
-        _sync_device()  # (once each per run)
-        per_step = torch.tensor((time.perf_counter() - self.t_first) / (self.LAST - self.FIRST))
+        _sync_device()  # (once per fit: a few dozen per run)
+        now = self.elapsed()
+        per_step = torch.tensor((now - self.mark[1]) / (done_here - self.mark[0]))
         per_step = all_reduce(per_step, dist, "max")  # every process must agree: plan for the slowest
-        fits = done + int((self.seconds - self.elapsed()) / per_step.item())
-        return max(done + 1, min(total, fits))
+        self.configured = self.configured or total  # a refit may lengthen the run again, never past this
+        fitted = max(done + 1, min(self.configured, done + int((self.seconds - now) / per_step.item())))
+        self.mark = (done_here, now)
+        self.next_fit = done_here + max(self.LAST, min(done_here, (fitted - done) // 2))
+        return fitted
 
 
 class CheckpointClock:
