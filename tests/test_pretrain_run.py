@@ -140,3 +140,43 @@ def test_profile_switch_writes_a_trace(images, tmp_path):
     assert len(traces) == 1
     text = traces[0].read_text()
     assert "ProfilerStep#" in text and "aten::convolution" in text  # the training steps, recorded
+
+
+def test_time_budget_refits_when_the_speed_changes():
+    """Slow first steps (kernels being made) and a slower stretch later: the step count is refitted
+    from the recent speed, so the run ends at its budget, not a sixth short (or past it)."""
+    from trainer.distributed import Dist
+    from trainer.pretrain import TimeBudget
+    clock = [0.0]
+
+    class Simulated(TimeBudget):
+        def elapsed(self):
+            return clock[0]
+
+    budget, total, done = Simulated(180, start_step=0), 100_000, 0
+    budget.start()
+    while done < total:
+        done += 1
+        clock[0] += 1.0 if done <= 10 else 0.1 if done < 800 else 0.15
+        total = budget.after_step(done, total, Dist(0, 1, 0, torch.device("cpu"), enabled=False))
+    assert 179 <= clock[0] <= 180.5 and done == total
+    # never longer than the configured run, however fast the steps
+    budget, done = Simulated(180, start_step=0), 0
+    clock[0] = 0.0
+    budget.start()
+    for done in range(1, 150):
+        clock[0] += 0.001
+        assert budget.after_step(done, 150, Dist(0, 1, 0, torch.device("cpu"), enabled=False)) == 150
+
+
+def test_eval_size_is_the_saved_encoders_input(images, tmp_path):
+    """data.eval_size: the encoder trains on image_size views and is saved for inference at eval_size."""
+    from trainer.checkpoint import load_encoder
+    out = tmp_path / "fixres"
+    cli(*SMALL, "--data", images, "--out", out, "--max-steps", 2, "--set", "data.eval_size=32")
+    encoder, info = load_encoder(out / "encoder.safetensors")
+    assert info["preprocessing"].input_size == 32 and info["preprocessing"].resize_size == 32
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["image_size"] == 24 and config["data"]["eval_size"] == 32
+    with torch.no_grad():
+        assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, info["embedding_dim"])

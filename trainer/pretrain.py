@@ -182,7 +182,7 @@ def build_pretraining(cfg: Config, device: torch.device, crop: bool = True, dist
     `crop`: the augmentation crops uint8 images itself (memory pipeline); without it the batches come
     cropped by the loader (stream pipeline). `distributed`: DDP (and SyncBatchNorm on CUDA).
     """
-    pre = cfg.data.preprocessing()
+    pre = cfg.data.train_preprocessing()
     views = byol_views(blur=cfg.data.blur, crop_scale=(cfg.data.crop_scale_min, 1.0),
                        color_strength=cfg.data.color_strength, grayscale_p=cfg.data.grayscale_p)
     augment = BatchAugment(views, cfg.data.image_size, pre.mean, pre.std, crop=crop).to(device)
@@ -250,7 +250,7 @@ class Feed:
         self.plan = BatchPlan(len(collection), cfg.optim.batch_size, cfg.run.seed, dist.rank, dist.world)
         if self.plan.steps_per_epoch == 0:
             raise DataError("no full batch fits in the data set; lower --batch-size")
-        self.cfg, self.dist, self.pre = cfg, dist, cfg.data.preprocessing()
+        self.cfg, self.dist, self.pre = cfg, dist, cfg.data.train_preprocessing()
         self.pipeline = cfg.data.pipeline
         if self.pipeline == "auto":
             fits = len(collection) * 3 * self.pre.resize_size ** 2 <= MEMORY_PIPELINE_MAX_BYTES
@@ -357,13 +357,14 @@ def train(cfg: Config, data: str, out: Path, resume_state: dict | None = None, v
             #    where the schedules do not yet depend on it)
             new_total = budget.after_step(done, total_steps, dist)
             if new_total != total_steps:
-                total_steps = new_total
+                first_fit, total_steps = total_steps == budget.configured, new_total  # refits adjust it quietly
                 lr_at, tau_at = p.schedules(total_steps, feed.plan.steps_per_epoch)
                 cfg.optim.max_steps = total_steps  # what a resume continues with
                 if dist.is_main:
                     write_config(out, cfg)
                     logger.bar.total = total_steps
-                    log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for {total_steps} steps")
+                    if first_fit:
+                        log(dist, f"time budget {cfg.optim.time_budget_s:.0f}s: training for about {total_steps} steps")
 
             if (done % cfg.run.log_every == 0 or done == total_steps) and loss is not None:
                 logger.step(done, done / feed.plan.steps_per_epoch, seconds_before + budget.elapsed(),
@@ -508,18 +509,22 @@ class RunLogger:
 
 
 class TimeBudget:
-    """Turns a wall-clock budget into a step count, measured over steps 3-12 of the run.
+    """Turns a wall-clock budget into a step count, measured over steps 3-12 of the run, then again
+    and again from the speed since the last fit: at doubling steps (24, 48, ...), then halfway
+    through what is left (the first steps run slower than the rest, and other jobs come and go:
+    fitted once, a 3-minute run at batch 32 on two shared cores trained for 149 s).
 
-    Only ever shortens the configured run. The warmup LR ramp does not depend on the total,
-    and tau barely moves in the first steps, so fixing the total this late changes nothing.
+    Only ever shortens the configured run. The warmup LR ramp does not depend on the total, and
+    tau barely moves in the first steps; a later refit moves the cosine schedules a little.
     """
     FIRST, LAST = 2, 12
 
     def __init__(self, seconds: float, start_step: int, first_step: int = 0):
         self.first = first_step  # steps are counted from where the schedules start
         self.seconds, self.active = seconds, seconds > 0 and start_step < first_step + self.LAST
-        self.t_begin = self.t_first = None
+        self.t_begin = self.mark = self.configured = None
         self.excluded = 0.0
+        self.next_fit = self.LAST
 
     def start(self):
         self.t_begin = time.perf_counter()
@@ -541,16 +546,19 @@ class TimeBudget:
             return total
         done_here = done - self.first
         if done_here == self.FIRST:
-            _sync_device()  # the loop never waits for the device: the two clock readings must
-            self.t_first = time.perf_counter()
-        if done_here < self.LAST or self.t_first is None:
+            _sync_device()  # the loop never waits for the device: the clock readings must
+            self.mark = (done_here, self.elapsed())
+        if done_here < self.next_fit or self.mark is None:
             return total
-        self.active = False
-        _sync_device()  # (once each per run)
-        per_step = torch.tensor((time.perf_counter() - self.t_first) / (self.LAST - self.FIRST))
+        _sync_device()  # (once per fit: a few dozen per run)
+        now = self.elapsed()
+        per_step = torch.tensor((now - self.mark[1]) / (done_here - self.mark[0]))
         per_step = all_reduce(per_step, dist, "max")  # every process must agree: plan for the slowest
-        fits = done + int((self.seconds - self.elapsed()) / per_step.item())
-        return max(done + 1, min(total, fits))
+        self.configured = self.configured or total  # a refit may lengthen the run again, never past this
+        fitted = max(done + 1, min(self.configured, done + int((self.seconds - now) / per_step.item())))
+        self.mark = (done_here, now)
+        self.next_fit = done_here + max(self.LAST, min(done_here, (fitted - done) // 2))
+        return fitted
 
 
 class CheckpointClock:
