@@ -57,6 +57,7 @@ import urllib.request
 from pathlib import Path
 
 from .engine import MAX_IMAGE_BYTES, ModelError, onnx_providers
+from .front import MAX_REQUEST_BYTES, READ_TIMEOUT_S, REQUEST_TIMEOUT_S, Front
 from .repository import ServingSettings, describe, load_model, write_repository
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -222,9 +223,16 @@ def check_port_free(host: str, port: int, flag: str):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n different ports free on host now (held together while chosen, so never the same one twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -239,14 +247,17 @@ class EmbeddingServer:
 
     def __init__(self, model, *, model_name: str | None = None, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, settings: ServingSettings | None = None,
-                 exit_timeout: int = 30, probe_interval: float = 5.0, verbose: bool = False, log=None):
+                 exit_timeout: int = 30, probe_interval: float = 5.0, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 read_timeout: float = READ_TIMEOUT_S, request_timeout: float = REQUEST_TIMEOUT_S,
+                 verbose: bool = False, log=None):
         self.settings = settings or ServingSettings()
         s = self.settings
         for flag, value, low in (("max batch size", s.max_batch_size or 1, 1), ("instances", s.instances, 1),
                                  ("max queue delay", s.max_queue_delay_us or 0, 0), ("threads", s.threads, 0),
                                  ("max pixels", s.max_pixels, 1), ("max image bytes", s.max_image_bytes, 1),
                                  ("max queue size", s.max_queue_size, 1), ("exit timeout", exit_timeout, 1),
-                                 ("probe interval", probe_interval, 0)):
+                                 ("probe interval", probe_interval, 0), ("max request bytes", max_request_bytes, 1),
+                                 ("read timeout", read_timeout, 0.001), ("request timeout", request_timeout, 0.001)):
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}, got {value}")
         try:
@@ -262,6 +273,9 @@ class EmbeddingServer:
         self.model = load_model(model, model_name)  # ModelError for anything that is not an encoder
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.exit_timeout, self.probe_interval, self.verbose = exit_timeout, probe_interval, verbose
+        self.max_request_bytes, self.read_timeout, self.request_timeout = max_request_bytes, read_timeout, request_timeout
+        self.front: Front | None = None  # the public HTTP and gRPC ports (serving/front.py)
+        self.internal_http_port = self.internal_grpc_port = None  # tritonserver's, on 127.0.0.1
         self.log = log if log is not None else sys.stderr
         self.model_names: list[str] = []
         self.process: subprocess.Popen | None = None
@@ -308,7 +322,15 @@ class EmbeddingServer:
         try:
             self.model_names = write_repository(self.model, self.settings, self.workspace / "models")
             write_backends(self.workspace / "backends", paths)
-            self._spawn(paths)
+            self.internal_http_port, self.internal_grpc_port = free_ports(2)
+            self._spawn(paths)  # before the front: no fork while gRPC's threads run
+            try:
+                self.front = Front(self.host, self.http_port, self.grpc_port, "127.0.0.1", self.internal_http_port,
+                                   self.internal_grpc_port, max_request_bytes=self.max_request_bytes,
+                                   read_timeout=self.read_timeout, request_timeout=self.request_timeout,
+                                   grace=self.exit_timeout).start()
+            except OSError as e:
+                raise ServerError(f"cannot listen on {self.host}: {e}") from None
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -319,8 +341,9 @@ class EmbeddingServer:
         gpu = self.settings.device != "cpu" and "CUDAExecutionProvider" in str(onnx_providers(self.settings.device))
         args = {"model-repository": self.workspace / "models", "backend-directory": self.workspace / "backends",
                 "disable-auto-complete-config": None,
-                "http-address": self.host, "http-port": self.http_port,
-                "grpc-address": self.host, "grpc-port": self.grpc_port,
+                # tritonserver on this machine only, behind byolkit's front (serving/front.py) on the public ports
+                "http-address": "127.0.0.1", "http-port": self.internal_http_port,
+                "grpc-address": "127.0.0.1", "grpc-port": self.internal_grpc_port,
                 "metrics-address": self.host, "metrics-port": self.metrics_port,
                 "allow-gpu-metrics": str(gpu).lower(), "exit-timeout-secs": self.exit_timeout,
                 "log-info": str(self.verbose).lower(),
@@ -403,8 +426,11 @@ class EmbeddingServer:
         if self.probe_interval and self._monitor is None:
             self._monitor = threading.Thread(target=self._watch, name="readiness-probe", daemon=True)
             self._monitor.start()
-        while self.alive() and not self._stop_requested.wait(0.2):
+        front = self.front
+        while self.alive() and front.alive() and not self._stop_requested.wait(0.2):
             pass
+        if not front.alive() and self.failure is None and not self._stop_requested.is_set():
+            self.failure = f"the front on the public ports stopped ({front.error!r})"
         died = not self.alive() and self.failure is None and not self._stop_requested.is_set()
         if self.failure:
             self.kill()  # broken: no point waiting for a graceful stop
@@ -512,6 +538,9 @@ class EmbeddingServer:
         shared memory removed.
         """
         self._stop_requested.set()
+        if self.front is not None:  # first: its requests in flight finish, and it holds no connection to tritonserver
+            self.front.stop()
+            self.front = None
         if self.process is not None:
             died = self.process.poll() is not None
             if not died:
@@ -568,6 +597,16 @@ def _int_at_least(minimum: int):
 
 
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -650,6 +689,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="requests waiting per model beyond which new ones are refused at once with Triton's "
                         "'Exceeds maximum queue size' (HTTP 503, gRPC UNAVAILABLE: server busy, retry later; "
                         "default %(default)s; with dynamic batching only)")
+    p.add_argument("--max-request-bytes", type=_positive, default=MAX_REQUEST_BYTES, metavar="N",
+                   help="refuse requests larger than this before they are held: HTTP 413 (a Content-Length above "
+                        "it at once, a chunked or compressed body as soon as it goes over), gRPC RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
+    p.add_argument("--read-timeout", type=_positive_float, default=READ_TIMEOUT_S, metavar="S",
+                   help="an HTTP request body that stops arriving for S seconds gets 408 and its connection is "
+                        "closed (default %(default)g)")
+    p.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT_S, metavar="S",
+                   help="longest a request may wait for the model server: HTTP 504, and the most a gRPC deadline "
+                        "may be (default %(default)g)")
     p.add_argument("--probe-interval", type=float, default=5.0, metavar="S",
                    help="every S seconds one real inference runs through each model; when one fails (a dead "
                         "backend stub) the server stops and exits with status 1 (default 5; 0 turns it off)")
@@ -698,7 +747,8 @@ def _serve(args, stop: threading.Event, holder: list) -> int:
         server = EmbeddingServer(args.model, model_name=args.model_name, host=args.host, http_port=args.http_port,
                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port, settings=settings,
                                  exit_timeout=args.exit_timeout, probe_interval=args.probe_interval,
-                                 verbose=args.verbose)
+                                 max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
+                                 request_timeout=args.request_timeout, verbose=args.verbose)
         holder.append(server)
         if stop.is_set():
             return 0
