@@ -41,24 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serving_util import ServerProcess, alive, children, encode, picture, png_header
+from serving_util import ServerProcess, alive, encode, picture, png_header, tree_pss_mib
 
 from serving.client import EmbeddingClient
 from serving.server import workspace_root
 
 MODEL, IMAGE_MODEL = "byol_encoder", "byol_encoder_image"
 MAX_IMAGE_BYTES = 1_000_000
-
-
-def tree_pss_mib(pid: int) -> float:
-    total = 0
-    for p in [pid, *children(pid)]:
-        try:
-            total += sum(int(line.split()[1]) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
-                         if line.startswith("Pss:"))
-        except OSError:
-            pass
-    return total / 1024
 
 
 def shm_mib(pid: int) -> float:
