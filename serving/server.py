@@ -22,6 +22,10 @@ that died or timed out) is killed, any shared-memory segment under this server's
 removed and the workspace deleted. Workspaces and segments of servers whose process died without
 cleaning up (SIGKILL) are removed at the next start.
 
+The public --http-port and --grpc-port are byolkit's front (serving/front.py), in this process:
+request-size limits before a request is held, a read timeout, JSON checks; tritonserver listens
+behind it on two loopback ports chosen at start, opened to the public only once ready.
+
 Hardening (README, "Security"): models are loaded once at start (--model-control-mode=none): the
 model-repository API that could load a model with code of the caller's choosing is off, so there
 is no control key to steal. The workspace (the model code the stubs run) lives in a per-user
@@ -324,6 +328,9 @@ class EmbeddingServer:
             write_backends(self.workspace / "backends", paths)
             self.internal_http_port, self.internal_grpc_port = free_ports(2)
             self._spawn(paths)  # before the front: no fork while gRPC's threads run
+            self._wait_ready(timeout)
+            # the public ports open once every model answered (a client retries until then, as it
+            # would while tritonserver loads)
             try:
                 self.front = Front(self.host, self.http_port, self.grpc_port, "127.0.0.1", self.internal_http_port,
                                    self.internal_grpc_port, max_request_bytes=self.max_request_bytes,
@@ -331,7 +338,6 @@ class EmbeddingServer:
                                    grace=self.exit_timeout).start()
             except OSError as e:
                 raise ServerError(f"cannot listen on {self.host}: {e}") from None
-            self._wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
@@ -377,9 +383,14 @@ class EmbeddingServer:
     def log_tail(self, lines: int = 20) -> str:
         return "".join(list(self._tail)[-lines:])
 
+    @property
+    def internal_http_url(self) -> str:
+        """tritonserver's own HTTP port (127.0.0.1, behind the front): where readiness is probed."""
+        return f"http://127.0.0.1:{self.internal_http_port}"
+
     def _get(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(self.http_url + path, timeout=2) as r:
+            with urllib.request.urlopen(self.internal_http_url + path, timeout=2) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
@@ -466,7 +477,8 @@ class EmbeddingServer:
         A timeout gives "timeout: ..." (a busy server may be slow; see _watch)."""
         for name in self.model_names:
             body, headers = self._probe_request(name)
-            req = urllib.request.Request(f"{self.http_url}/v2/models/{name}/infer", data=body, headers=headers)
+            req = urllib.request.Request(f"{self.internal_http_url}/v2/models/{name}/infer", data=body,
+                                         headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=timeout) as r:
                     r.read()
@@ -532,10 +544,10 @@ class EmbeddingServer:
     def stop(self) -> int | None:
         """Stop serving and clean up; idempotent -> 0 for a clean stop, else tritonserver's exit status.
 
-        tritonserver gets SIGINT: it finishes the in-flight requests, waits for open HTTP connections
-        (idle keep-alive ones too) up to the exit timeout, unloads the models (the stubs exit and free
-        their shared memory) and exits. Then anything left of its process group is killed and its
-        shared memory removed.
+        The front closes the public ports: requests in flight finish (up to the exit timeout), idle
+        connections are closed. Then tritonserver gets SIGINT: it finishes what is left, unloads the
+        models (the stubs exit and free their shared memory) and exits. Then anything left of its
+        process group is killed and its shared memory removed.
         """
         self._stop_requested.set()
         if self.front is not None:  # first: its requests in flight finish, and it holds no connection to tritonserver
@@ -556,8 +568,8 @@ class EmbeddingServer:
             if self._reader is None or not self._reader.is_alive():
                 self.process.stdout.close()  # never while the reader blocks on it (that would deadlock)
             self.process_returncode = self.returncode = self.process.returncode
-            # an HTTP client holding an idle keep-alive connection makes tritonserver wait the whole exit
-            # timeout, then exit 1 without unloading: a stop as asked, its leftovers removed here
+            # an HTTP connection still open to tritonserver (none: the front's are closed by now) makes it wait
+            # the whole exit timeout, then exit 1 without unloading: a stop as asked, its leftovers removed here
             self.exit_timeout_expired = "Exit timeout expired" in self.log_tail(5)
             if self.exit_timeout_expired and not died:
                 self.returncode = 0
@@ -634,13 +646,19 @@ refused request as a success). The models are loaded once at start: the model-re
 succeeded, and the server exits (status 1) when a later probe fails or tritonserver dies.
 Once ready, one JSON line with the URLs goes to stdout.
 
+The HTTP and gRPC ports are byolkit's front (serving/front.py); tritonserver listens behind it on
+two loopback ports of its own. The front refuses a request above --max-request-bytes before it
+holds it (HTTP 413, gRPC RESOURCE_EXHAUSTED), closes an HTTP body that stops arriving for
+--read-timeout seconds (408), answers invalid JSON and a JSON integer out of its datatype's
+range (a UINT8 of 300) with 400, and passes everything else on unchanged.
+
 A repository's instance groups and TensorRT settings are Triton's onnxruntime backend's; here
 --instances and --device decide (the nvidia-pytriton wheel has no onnxruntime backend: the
 models run on its python backend, which runs ONNX Runtime).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server after its in-flight requests (a second one, a second
-or more later, kills it); an HTTP client that keeps an idle connection open makes tritonserver
-wait for it up to --exit-timeout. Exit status: 0 stopped cleanly, 1 the server failed (or
+or more later, kills it); idle client connections are closed, requests in flight may take up
+to --exit-timeout. Exit status: 0 stopped cleanly, 1 the server failed (or
 died, or a readiness probe failed), 2 bad input.
 
 Examples:
