@@ -306,6 +306,22 @@ def test_an_oversize_grpc_message_is_refused_and_the_stream_is_forwarded(server)
     assert client.infer("byol_encoder", [inp]).as_numpy("embeddings").shape == (1, 512)
 
 
+def test_the_client_keeps_each_request_under_the_servers_size_limit(onnx_model, monkeypatch):
+    """The server refuses requests above --max-request-bytes: the client splits a batch of large images
+    by bytes as well as by count (an image above the budget goes alone)."""
+    from serving import client as client_module
+    monkeypatch.setattr(client_module, "REQUEST_BYTES", 1000)
+    client = EmbeddingClient(onnx_model, device="cpu")
+    sent = []
+    monkeypatch.setattr(client, "_batch", lambda items, normalize, image: sent.append(len(items))
+                        or np.zeros((len(items), client.embedding_dim), np.float32))
+    items = [(i, bytes(n)) for i, n in enumerate([400, 400, 400, 2000, 100, 100])]
+    client._run(items, np.zeros((6, client.embedding_dim), np.float32), 32, True, image=True)
+    assert sent == [2, 1, 1, 2]
+    client._run(items[:5], np.zeros((6, client.embedding_dim), np.float32), 2, True, image=True)
+    assert sent[4:] == [2, 1, 1, 1]
+
+
 # -- clients -------------------------------------------------------------------------------------------
 class _Listener:
     """A local TCP port that accepts connections and then hangs up at once, or holds them unanswered."""
