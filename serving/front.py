@@ -41,7 +41,8 @@ import numpy as np
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 READ_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 120.0
-STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+SERVICE = "/inference.GRPCInferenceService/"
+STREAM_METHOD = SERVICE + "ModelStreamInfer"
 
 # the range of each integer datatype of the KServe v2 protocol (JSON `data` is checked against it)
 INT_RANGES = {f"{k}{b}": ((0, 2 ** b - 1) if k == "UINT" else (-(2 ** (b - 1)), 2 ** (b - 1) - 1))
@@ -228,9 +229,11 @@ def _grpc_handler(channel, request_timeout: float):
                     finally:
                         upstream.cancel()
                 return grpc.stream_stream_rpc_method_handler(stream)
-            if method not in self.calls:
-                self.calls[method] = channel.unary_unary(method)
-            call = self.calls[method]
+            call = self.calls.get(method)
+            if call is None:
+                call = channel.unary_unary(method)
+                if method.startswith(SERVICE):  # Triton's own methods only: callers choose the names
+                    self.calls[method] = call
 
             async def unary(request, context):
                 try:
