@@ -578,8 +578,9 @@ class SearchIndex:
             return name
         return f"{source['path']}:{name}" if source["kind"] == "zip" else f"{source['path']}#{name}"
 
-    def load_image(self, i: int):
-        """The indexed image `i` as an RGB PIL image (raises ImageDecodeError when it is gone)."""
+    def load_image(self, i: int, reduce_to: int | None = None):
+        """The indexed image `i` as an RGB PIL image (raises ImageDecodeError when it is gone); reduce_to:
+        a JPEG is decoded at a fraction of its size, both sides at least this long (load_rgb)."""
         from contract.preprocess import ImageDecodeError, load_rgb
         source, name = self.image_location(i)
         if source["kind"] == "zip":
@@ -589,10 +590,10 @@ class SearchIndex:
                     data = zf.read(name)
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 raise ImageDecodeError(f"cannot read {name} from {source['path']}: {e}") from None
-            return load_rgb(data)
+            return load_rgb(data, reduce_to=reduce_to)
         if source["kind"] == "webdataset":
             from .embed import read_tar_source
-            return load_rgb(read_tar_source(name))
+            return load_rgb(read_tar_source(name), reduce_to=reduce_to)
         if source["kind"] == "torchvision":
             from trainer.data import DataError, open_collection
             try:
@@ -601,7 +602,7 @@ class SearchIndex:
                 raise ImageDecodeError(str(e)) from None
             self._cache[("collection", source["path"])] = collection
             return collection.load(int(name))
-        return load_rgb(Path(source["path"]) / name)
+        return load_rgb(Path(source["path"]) / name, reduce_to=reduce_to)
 
     def describe_item(self, i: int) -> str:
         item = self.items[i]

@@ -186,7 +186,7 @@ class AppState:
     def _thumbnail(self, i: int):
         from PIL import Image
         try:
-            image = self.index.load_image(i)
+            image = self.index.load_image(i, reduce_to=THUMBNAIL)  # a JPEG decoded at up to 1/8 of its size
         except USER_ERRORS:  # an indexed file that has since gone: a grey tile, not a failed search
             return Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
         if max(image.size) > THUMBNAIL:

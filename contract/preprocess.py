@@ -130,9 +130,12 @@ def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bil
     return image.resize((new_w, new_h), _PIL_INTERPOLATION[interpolation], reducing_gap=None)
 
 
-def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
     """Decode a path, bytes or PIL image into an RGB PIL image with EXIF orientation applied.
 
+    reduce_to: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's reduce-on-decode,
+    Pillow's draft) as long as both sides stay at least this long; for pictures only shown small
+    (thumbnails). Other formats, and the default (None), decode at full size.
     Raises ImageDecodeError with a readable message for anything that is not a usable image.
     """
     if isinstance(source, Image.Image):
@@ -152,6 +155,8 @@ def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 w, h = image.size
                 if w * h > max_pixels:
                     raise ImageDecodeError(f"image {name} is {w}x{h} pixels, above the limit of {max_pixels}")
+                if reduce_to:
+                    image.draft("RGB", (reduce_to, reduce_to))  # JPEG only; a no-op for other formats
                 image.load()  # decode now, while the file is open, so truncation surfaces here
         except ImageDecodeError:
             raise

@@ -12,7 +12,9 @@ them there by the preprocessing contract; PIL images and arrays are preprocessed
 (`contract.preprocess`) and sent as uint8 tensors to `<model>` (so a Triton server with only the
 exported repository works too). Arrays already at the model's input size are sent as they are.
 
-Requests hold at most `batch_size` images (and never more than the server's max batch size).
+Requests hold at most `batch_size` images (and never more than the server's max batch size), and
+at most REQUEST_BYTES of them (the server refuses requests above its --max-request-bytes, 64 MiB
+by default; a larger single image goes alone).
 Every call has a deadline of `timeout` seconds, the connection set-up too (gRPC waits for its
 channel to be ready within it). Connection failures (refused, closed mid-request, timed out) and
 "server busy" answers (a full queue) are retried `retries` times with exponential backoff
@@ -38,6 +40,9 @@ from .engine import ModelError, OnnxEncoder, l2_normalize
 from .repository import IMAGE_INPUT, image_model_name
 
 MAX_BACKOFF_S = 5.0
+# what one request carries at most (encoded images, or pixels as sent): half the server's default
+# --max-request-bytes, leaving room for the protocol's own bytes
+REQUEST_BYTES = 32 * 1024 * 1024
 
 
 class EmbeddingError(RuntimeError):
@@ -168,6 +173,22 @@ class _Remote:
         self.client.close()
 
 
+def _chunks(items: list, count: int, budget: int):
+    """(index, bytes or uint8 pixels) items -> runs of at most `count` items and `budget` bytes as sent
+    (pixels may go as float32: four bytes each); an item above the budget goes alone."""
+    chunk, size = [], 0
+    for item in items:
+        x = item[1]
+        n = len(x) if isinstance(x, (bytes, bytearray)) else x.nbytes * 4
+        if chunk and (len(chunk) == count or size + n > budget):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += n
+    if chunk:
+        yield chunk
+
+
 class EmbeddingClient:
     """Embeddings from `target`: "grpc://host:port", "http://host:port" or an ONNX file path.
 
@@ -294,9 +315,7 @@ class EmbeddingClient:
 
     def _run(self, items: list, out: np.ndarray, batch_size: int, normalize: bool, image: bool):
         limit = (self.max_image_batch if image else self.max_batch_size) or batch_size
-        step = min(batch_size, limit)
-        for start in range(0, len(items), step):
-            chunk = items[start:start + step]
+        for chunk in _chunks(items, min(batch_size, limit), REQUEST_BYTES):
             index = [i for i, _ in chunk]
             try:
                 out[index] = self._batch([x for _, x in chunk], normalize, image)

@@ -22,6 +22,10 @@ that died or timed out) is killed, any shared-memory segment under this server's
 removed and the workspace deleted. Workspaces and segments of servers whose process died without
 cleaning up (SIGKILL) are removed at the next start.
 
+The public --http-port and --grpc-port are byolkit's front (serving/front.py), in this process:
+request-size limits before a request is held, a read timeout, JSON checks; tritonserver listens
+behind it on two loopback ports chosen at start, opened to the public only once ready.
+
 Hardening (README, "Security"): models are loaded once at start (--model-control-mode=none): the
 model-repository API that could load a model with code of the caller's choosing is off, so there
 is no control key to steal. The workspace (the model code the stubs run) lives in a per-user
@@ -59,6 +63,7 @@ from pathlib import Path
 from contract.errors import UsageError
 
 from .engine import MAX_IMAGE_BYTES, ModelError, onnx_providers
+from .front import MAX_REQUEST_BYTES, READ_TIMEOUT_S, REQUEST_TIMEOUT_S, Front
 from .repository import ServingSettings, describe, load_model, write_repository
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -220,9 +225,16 @@ def check_port_free(host: str, port: int, flag: str):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n different ports free on host now (held together while chosen, so never the same one twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -237,14 +249,17 @@ class EmbeddingServer:
 
     def __init__(self, model, *, model_name: str | None = None, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, settings: ServingSettings | None = None,
-                 exit_timeout: int = 30, probe_interval: float = 5.0, verbose: bool = False, log=None):
+                 exit_timeout: int = 30, probe_interval: float = 5.0, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 read_timeout: float = READ_TIMEOUT_S, request_timeout: float = REQUEST_TIMEOUT_S,
+                 verbose: bool = False, log=None):
         self.settings = settings or ServingSettings()
         s = self.settings
         for flag, value, low in (("max batch size", s.max_batch_size or 1, 1), ("instances", s.instances, 1),
                                  ("max queue delay", s.max_queue_delay_us or 0, 0), ("threads", s.threads, 0),
                                  ("max pixels", s.max_pixels, 1), ("max image bytes", s.max_image_bytes, 1),
                                  ("max queue size", s.max_queue_size, 1), ("exit timeout", exit_timeout, 1),
-                                 ("probe interval", probe_interval, 0)):
+                                 ("probe interval", probe_interval, 0), ("max request bytes", max_request_bytes, 1),
+                                 ("read timeout", read_timeout, 0.001), ("request timeout", request_timeout, 0.001)):
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}, got {value}")
         try:
@@ -260,6 +275,9 @@ class EmbeddingServer:
         self.model = load_model(model, model_name)  # ModelError for anything that is not an encoder
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.exit_timeout, self.probe_interval, self.verbose = exit_timeout, probe_interval, verbose
+        self.max_request_bytes, self.read_timeout, self.request_timeout = max_request_bytes, read_timeout, request_timeout
+        self.front: Front | None = None  # the public HTTP and gRPC ports (serving/front.py)
+        self.internal_http_port = self.internal_grpc_port = None  # tritonserver's, on 127.0.0.1
         self.log = log if log is not None else sys.stderr
         self.model_names: list[str] = []
         self.process: subprocess.Popen | None = None
@@ -306,8 +324,18 @@ class EmbeddingServer:
         try:
             self.model_names = write_repository(self.model, self.settings, self.workspace / "models")
             write_backends(self.workspace / "backends", paths)
-            self._spawn(paths)
+            self.internal_http_port, self.internal_grpc_port = free_ports(2)
+            self._spawn(paths)  # before the front: no fork while gRPC's threads run
             self._wait_ready(timeout)
+            # the public ports open once every model answered (a client retries until then, as it
+            # would while tritonserver loads)
+            try:
+                self.front = Front(self.host, self.http_port, self.grpc_port, "127.0.0.1", self.internal_http_port,
+                                   self.internal_grpc_port, max_request_bytes=self.max_request_bytes,
+                                   read_timeout=self.read_timeout, request_timeout=self.request_timeout,
+                                   grace=self.exit_timeout).start()
+            except OSError as e:
+                raise ServerError(f"cannot listen on {self.host}: {e}") from None
         except BaseException:
             self.stop()
             raise
@@ -317,8 +345,9 @@ class EmbeddingServer:
         gpu = self.settings.device != "cpu" and "CUDAExecutionProvider" in str(onnx_providers(self.settings.device))
         args = {"model-repository": self.workspace / "models", "backend-directory": self.workspace / "backends",
                 "disable-auto-complete-config": None,
-                "http-address": self.host, "http-port": self.http_port,
-                "grpc-address": self.host, "grpc-port": self.grpc_port,
+                # tritonserver on this machine only, behind byolkit's front (serving/front.py) on the public ports
+                "http-address": "127.0.0.1", "http-port": self.internal_http_port,
+                "grpc-address": "127.0.0.1", "grpc-port": self.internal_grpc_port,
                 "metrics-address": self.host, "metrics-port": self.metrics_port,
                 "allow-gpu-metrics": str(gpu).lower(), "exit-timeout-secs": self.exit_timeout,
                 "log-info": str(self.verbose).lower(),
@@ -352,9 +381,14 @@ class EmbeddingServer:
     def log_tail(self, lines: int = 20) -> str:
         return "".join(list(self._tail)[-lines:])
 
+    @property
+    def internal_http_url(self) -> str:
+        """tritonserver's own HTTP port (127.0.0.1, behind the front): where readiness is probed."""
+        return f"http://127.0.0.1:{self.internal_http_port}"
+
     def _get(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(self.http_url + path, timeout=2) as r:
+            with urllib.request.urlopen(self.internal_http_url + path, timeout=2) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
@@ -401,8 +435,11 @@ class EmbeddingServer:
         if self.probe_interval and self._monitor is None:
             self._monitor = threading.Thread(target=self._watch, name="readiness-probe", daemon=True)
             self._monitor.start()
-        while self.alive() and not self._stop_requested.wait(0.2):
+        front = self.front
+        while self.alive() and front.alive() and not self._stop_requested.wait(0.2):
             pass
+        if not front.alive() and self.failure is None and not self._stop_requested.is_set():
+            self.failure = f"the front on the public ports stopped ({front.error!r})"
         died = not self.alive() and self.failure is None and not self._stop_requested.is_set()
         if self.failure:
             self.kill()  # broken: no point waiting for a graceful stop
@@ -438,7 +475,8 @@ class EmbeddingServer:
         A timeout gives "timeout: ..." (a busy server may be slow; see _watch)."""
         for name in self.model_names:
             body, headers = self._probe_request(name)
-            req = urllib.request.Request(f"{self.http_url}/v2/models/{name}/infer", data=body, headers=headers)
+            req = urllib.request.Request(f"{self.internal_http_url}/v2/models/{name}/infer", data=body,
+                                         headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=timeout) as r:
                     r.read()
@@ -504,12 +542,15 @@ class EmbeddingServer:
     def stop(self) -> int | None:
         """Stop serving and clean up; idempotent -> 0 for a clean stop, else tritonserver's exit status.
 
-        tritonserver gets SIGINT: it finishes the in-flight requests, waits for open HTTP connections
-        (idle keep-alive ones too) up to the exit timeout, unloads the models (the stubs exit and free
-        their shared memory) and exits. Then anything left of its process group is killed and its
-        shared memory removed.
+        The front closes the public ports: requests in flight finish (up to the exit timeout), idle
+        connections are closed. Then tritonserver gets SIGINT: it finishes what is left, unloads the
+        models (the stubs exit and free their shared memory) and exits. Then anything left of its
+        process group is killed and its shared memory removed.
         """
         self._stop_requested.set()
+        if self.front is not None:  # first: its requests in flight finish, and it holds no connection to tritonserver
+            self.front.stop()
+            self.front = None
         if self.process is not None:
             died = self.process.poll() is not None
             if not died:
@@ -525,8 +566,8 @@ class EmbeddingServer:
             if self._reader is None or not self._reader.is_alive():
                 self.process.stdout.close()  # never while the reader blocks on it (that would deadlock)
             self.process_returncode = self.returncode = self.process.returncode
-            # an HTTP client holding an idle keep-alive connection makes tritonserver wait the whole exit
-            # timeout, then exit 1 without unloading: a stop as asked, its leftovers removed here
+            # an HTTP connection still open to tritonserver (none: the front's are closed by now) makes it wait
+            # the whole exit timeout, then exit 1 without unloading: a stop as asked, its leftovers removed here
             self.exit_timeout_expired = "Exit timeout expired" in self.log_tail(5)
             if self.exit_timeout_expired and not died:
                 self.returncode = 0
@@ -568,6 +609,16 @@ def _int_at_least(minimum: int):
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive(text)
     if value > 65535:
@@ -593,13 +644,19 @@ refused request as a success). The models are loaded once at start: the model-re
 succeeded, and the server exits (status 1) when a later probe fails or tritonserver dies.
 Once ready, one JSON line with the URLs goes to stdout.
 
+The HTTP and gRPC ports are byolkit's front (serving/front.py); tritonserver listens behind it on
+two loopback ports of its own. The front refuses a request above --max-request-bytes before it
+holds it (HTTP 413, gRPC RESOURCE_EXHAUSTED), closes an HTTP body that stops arriving for
+--read-timeout seconds (408), answers invalid JSON and a JSON integer out of its datatype's
+range (a UINT8 of 300) with 400, and passes everything else on unchanged.
+
 A repository's instance groups and TensorRT settings are Triton's onnxruntime backend's; here
 --instances and --device decide (the nvidia-pytriton wheel has no onnxruntime backend: the
 models run on its python backend, which runs ONNX Runtime).
 
 SIGINT (Ctrl-C) or SIGTERM stops the server after its in-flight requests (a second one, a second
-or more later, kills it); an HTTP client that keeps an idle connection open makes tritonserver
-wait for it up to --exit-timeout. Exit status: 0 stopped cleanly, 1 the server failed (or
+or more later, kills it); idle client connections are closed, requests in flight may take up
+to --exit-timeout. Exit status: 0 stopped cleanly, 1 the server failed (or
 died, or a readiness probe failed), 2 bad input.
 
 Examples:
@@ -649,6 +706,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="requests waiting per model beyond which new ones are refused at once with Triton's "
                         "'Exceeds maximum queue size' (HTTP 503, gRPC UNAVAILABLE: server busy, retry later; "
                         "default %(default)s; with dynamic batching only)")
+    p.add_argument("--max-request-bytes", type=_positive, default=MAX_REQUEST_BYTES, metavar="N",
+                   help="refuse requests larger than this before they are held: HTTP 413 (a Content-Length above "
+                        "it at once, a chunked or compressed body as soon as it goes over), gRPC RESOURCE_EXHAUSTED "
+                        "(default %(default)s)")
+    p.add_argument("--read-timeout", type=_positive_float, default=READ_TIMEOUT_S, metavar="S",
+                   help="an HTTP request body that stops arriving for S seconds gets 408 and its connection is "
+                        "closed (default %(default)g)")
+    p.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT_S, metavar="S",
+                   help="longest a request may wait for the model server: HTTP 504, and the most a gRPC deadline "
+                        "may be (default %(default)g)")
     p.add_argument("--probe-interval", type=float, default=5.0, metavar="S",
                    help="every S seconds one real inference runs through each model; when one fails (a dead "
                         "backend stub) the server stops and exits with status 1 (default 5; 0 turns it off)")
@@ -697,7 +764,8 @@ def _serve(args, stop: threading.Event, holder: list) -> int:
         server = EmbeddingServer(args.model, model_name=args.model_name, host=args.host, http_port=args.http_port,
                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port, settings=settings,
                                  exit_timeout=args.exit_timeout, probe_interval=args.probe_interval,
-                                 verbose=args.verbose)
+                                 max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
+                                 request_timeout=args.request_timeout, verbose=args.verbose)
         holder.append(server)
         if stop.is_set():
             return 0

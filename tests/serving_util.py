@@ -66,6 +66,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def tree_pss_mib(pid: int) -> float:
+    """Memory of a process and its descendants: the sum of their proportional set sizes in MiB (memory
+    they share, such as the python backend's shared memory, counted once rather than in each)."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            total += sum(int(line.split()[1]) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+                         if line.startswith("Pss:"))
+        except OSError:
+            pass
+    return total / 1024
+
+
 class ServerProcess:
     """`python -m serving.server` with the given arguments, on free local ports."""
 

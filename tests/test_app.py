@@ -33,6 +33,29 @@ def state(tmp_path, monkeypatch, model_path, image_folder):
     return ui.AppState(index, encoder, k=5, examples=[image_folder / "red" / "img_00.png"])
 
 
+def test_gallery_thumbnails_of_large_jpegs_are_reduced_on_decode(tmp_path, monkeypatch, model_path, image_folder):
+    """Before: the Search tab decoded every indexed image at full size for its 192 px thumbnail (an 8000 x 8000
+    photo: 192 MB for a moment). A JPEG is now decoded at 1/8 of its size."""
+    set_gradio_env(monkeypatch, tmp_path)
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(folder / "red" / "big.jpg", quality=90)
+    encoder = open_encoder(str(model_path))
+    index, _ = build_index(encoder, folder, tmp_path / "ix", progress=False)
+    big = next(i for i, it in enumerate(index.items) if it["name"].endswith("big.jpg"))
+    from trainer import preprocess
+    decoded, real = [], preprocess.load_rgb
+
+    def spy(*args, **kwargs):
+        image = real(*args, **kwargs)
+        decoded.append(image.size)
+        return image
+    monkeypatch.setattr(preprocess, "load_rgb", spy)
+    thumbnail = ui.AppState(index, encoder)._thumbnail(big)
+    assert thumbnail.size == (ui.THUMBNAIL, ui.THUMBNAIL * 3 // 4)
+    assert decoded == [(500, 375)]  # 0.56 MB of pixels decoded instead of 36 MB
+
+
 def test_search(state, image_folder):
     gallery, status = state.search(Image.open(image_folder / "blue" / "img_02.png"), 4)
     assert len(gallery) == 4 and "4 nearest of 18 images (flat index)" in status

@@ -279,6 +279,25 @@ def test_load_rgb_rejects_non_images_and_oversized(tmp_path, dirty_folder):
     assert load_rgb(png, max_pixels=1584).size == (44, 36)
 
 
+def test_load_rgb_reduces_a_jpeg_on_decode_when_asked(tmp_path):
+    """reduce_to: libjpeg decodes at 1/2, 1/4 or 1/8 scale with both sides still at least that long
+    (4000 x 3000 -> 500 x 375: 0.56 MB of pixels instead of 36 MB); other formats and the default decode
+    at full size."""
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (10, 200, 30)).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    assert load_rgb(jpeg).size == (4000, 3000)
+    small = load_rgb(jpeg, reduce_to=192)
+    assert small.size == (500, 375) and small.mode == "RGB"
+    assert load_rgb(jpeg, reduce_to=1000).size == (2000, 1500)  # 1/4 would leave 750 < 1000
+    assert np.abs(np.asarray(small, np.int16) - (10, 200, 30)).max() <= 4  # the same picture
+    png = image_bytes(make_image((1, 2, 3), 0), "PNG")
+    assert load_rgb(png, reduce_to=8).size == (44, 36)  # PNG has no reduce-on-decode
+    with pytest.raises(ImageDecodeError, match="4000x3000 pixels, above the limit"):
+        load_rgb(jpeg, max_pixels=1000, reduce_to=192)  # the limit is the file's size, not the reduced one
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels (RGB) and holds a few bytes: a decompression bomb's header."""
     import struct

@@ -470,7 +470,7 @@ def test_load_generator_tiny_mode(server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["protocol"], r["concurrency"]) for r in rows] == [("grpc", 1), ("grpc", 4), ("http", 1), ("http", 4)]
-    assert all(r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert all(r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"] for r in rows), rows
     assert "| grpc | tensor | on | 4 |" in proc.stdout
     refused = subprocess.run([sys.executable, "benchmarks/serving_load.py", "--url", "grpc://10.1.2.3:8001"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)

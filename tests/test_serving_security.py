@@ -7,8 +7,12 @@ reproduced as it was made on the unhardened server:
   others, is refused);
 - truthful health: a killed backend stub (every request fails while Triton says ready) or a
   killed tritonserver makes the server exit with status 1, its whole process tree gone;
-- memory: the pixel limit read from an image's header decides, not Pillow's own bomb limit (what
-  refused oversize requests leave behind is measured in benchmarks/serving_attack.py);
+- memory: byolkit's front refuses oversize requests before holding them (HTTP 413 on the
+  Content-Length, a chunked or compressed body counted as it is read; gRPC RESOURCE_EXHAUSTED), and
+  the server's memory stays within 100 MiB after 10 of them; the pixel limit read from an image's
+  header decides, not Pillow's own bomb limit;
+- the HTTP endpoint: invalid JSON and a JSON uint8 of 300 are 400s, a half-sent body is closed after
+  the read timeout;
 - clients: deadlines and retries against a port with nothing behind it, a socket that hangs up
   and one that never answers; the command line's exit codes.
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_util import ServerProcess, alive, children, encode, exported_model, picture, png_header
+from serving_util import ServerProcess, alive, children, encode, exported_model, picture, png_header, tree_pss_mib
 
 from serving import server as srv
 from serving.client import EmbeddingClient, ServerUnavailableError
@@ -53,7 +57,7 @@ def _started(server: ServerProcess) -> ServerProcess:
 @pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
     s = _started(ServerProcess(onnx_model, tmp_path_factory.mktemp("secure"), "--max-image-bytes", MAX_IMAGE_BYTES,
-                               "--probe-interval", PROBE_INTERVAL, "--exit-timeout", 5))
+                               "--probe-interval", PROBE_INTERVAL, "--exit-timeout", 5, "--read-timeout", 1))
     yield s
     code = s.stop()
     leaks = s.leaks()
@@ -183,20 +187,161 @@ def test_the_pixel_limit_is_read_from_the_header_and_is_the_servers_own(server):
         assert f"{w}x{h} pixels, above the limit of 64000000" in e.value.message()
 
 
-# -- the HTTP endpoint ---------------------------------------------------------------------------------
-def test_what_tritons_own_http_frontend_gets_is_answered_and_the_server_serves_on(server):
-    """Invalid JSON, a JSON uint8 of 300 and a half-sent body never reach byolkit code: Triton's frontend
-    answers them (README, "Security", says how). None of them may take the server down."""
+# -- the front: limits before anything is held ---------------------------------------------------------
+OVERSIZE = 64 * 2**20 + 1024  # above the default --max-request-bytes (64 MiB)
+
+
+def _grpc_oversize(server):
+    import grpc
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+    inp = tc.InferInput("image_bytes", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([bytes(OVERSIZE)], dtype=np.object_).reshape(1, 1))
+    with pytest.raises(InferenceServerException) as e:
+        tc.InferenceServerClient(server.grpc_url.split("://")[1]).infer(IMAGE_MODEL, [inp])
+    assert e.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED), e.value
+    assert "larger than max" in e.value.message()
+
+
+def test_tritonserver_listens_on_loopback_ports_behind_the_front(server):
+    (triton,) = [p for p in server.tree if _proc_text(p, "cmdline").split()[0].endswith("/tritonserver")]
+    args = _proc_text(triton, "cmdline")
+    assert "--http-address=127.0.0.1" in args and "--grpc-address=127.0.0.1" in args
+    assert f"--http-port={server.http_port} " not in args and f"--grpc-port={server.grpc_port} " not in args
+
+
+def test_the_fronts_connections_are_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP: with proto 0 every HTTP answer's
+    body (a second write after its headers) waited for the client's delayed ACK, about 40 ms a request."""
+    import asyncio
+
+    from serving.front import _listening_socket
+
+    async def accepted_nodelay() -> int:
+        sock = _listening_socket("127.0.0.1", 0)
+        got = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                got.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        async with await asyncio.get_running_loop().create_server(Probe, sock=sock):
+            with socket.create_connection(sock.getsockname()):
+                return await asyncio.wait_for(got, 10)
+
+    assert asyncio.run(accepted_nodelay()) == 1
+
+
+def test_oversize_requests_are_refused_before_they_are_held_and_memory_stays(server):
+    """Before: the bundled tritonserver read each 64 MiB request whole before the model refused it;
+    10 of them took the server's processes from 415 to 736 MiB, kept for good."""
+    good = np.zeros((1, 32, 32, 3), np.uint8)
+    body = json.dumps({"inputs": [{"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8",
+                                   "data": good.ravel().tolist()}]}).encode()
+    assert _post(server, "/v2/models/byol_encoder/infer", body)[0] == 200  # warm: lazy allocations done
+    before = tree_pss_mib(server.proc.pid)
+    payload = bytes(OVERSIZE)
+    for i in range(10):
+        if i % 2:
+            _grpc_oversize(server)
+        else:
+            status, answer = _post(server, "/v2/models/byol_encoder/infer", payload)
+            assert status == 413 and "above the limit of 67108864" in answer
+    time.sleep(1)
+    after = tree_pss_mib(server.proc.pid)
+    assert after - before < 100, f"{before:.0f} -> {after:.0f} MiB"
+    assert _post(server, "/v2/models/byol_encoder/infer", body)[0] == 200
+
+
+def test_a_chunked_body_is_counted_as_it_is_read(server):
+    def chunks():
+        for _ in range(80):
+            yield bytes(2**20)
+
+    c = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        c.request("POST", "/v2/models/byol_encoder/infer", body=chunks(), encode_chunked=True)
+        r = c.getresponse()
+        assert r.status == 413 and b"above the limit of 67108864" in r.read()
+    finally:
+        c.close()
+
+
+def test_a_compressed_body_is_inflated_within_the_limit(server):
+    import gzip
+    status, answer = _post(server, "/v2/models/byol_encoder/infer", gzip.compress(bytes(OVERSIZE)),
+                           {"Content-Encoding": "gzip"})  # 65 KB that inflate to 64 MiB: a bomb
+    assert status == 413 and "once decompressed" in answer
+    status, answer = _post(server, "/v2/models/byol_encoder/infer", b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"})
+    assert status == 400 and "gzip" in answer
+
+
+def test_invalid_json_and_out_of_range_json_data_are_400(server):
+    """Before: invalid JSON got Triton's 500, and a JSON uint8 of 300 was wrapped to 44 and answered 200."""
     status, answer = _post(server, "/v2/models/byol_encoder/infer", b"{not json")
-    assert status >= 400 and "Traceback" not in answer
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as s:
-        s.sendall(b"POST /v2/models/byol_encoder/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
-        time.sleep(0.5)  # and hang up mid-body
-    pixels = np.zeros((1, 32, 32, 3), np.uint8)
+    assert status == 400 and "invalid JSON" in answer and "Traceback" not in answer
+    for value, datatype in ((300, "UINT8"), (-1, "UINT8"), (128, "INT8"), (2**64, "UINT64")):
+        body = json.dumps({"inputs": [{"name": "images", "shape": [1, 32, 32, 3], "datatype": datatype,
+                                       "data": [value] * (32 * 32 * 3)}]}).encode()
+        status, answer = _post(server, "/v2/models/byol_encoder/infer", body)
+        assert status == 400 and f"{datatype} data outside" in answer, (value, datatype, status, answer)
+    # the JSON header of a binary-data request is checked too
+    header = b'{"inputs": [{"name": "images"'
+    status, answer = _post(server, "/v2/models/byol_encoder/infer", header + bytes(3072),
+                           {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "invalid JSON" in answer
+    pixels = np.full((1, 32, 32, 3), 255, np.uint8)
     body = json.dumps({"inputs": [{"name": "images", "shape": list(pixels.shape), "datatype": "UINT8",
                                    "data": pixels.ravel().tolist()}]}).encode()
     status, answer = _post(server, "/v2/models/byol_encoder/infer", body)
     assert status == 200 and len(json.loads(answer)["outputs"][0]["data"]) == 512
+
+
+def test_a_half_sent_body_is_closed_after_the_read_timeout(server):
+    """Before: tritonserver held a half-sent body open with no read timeout."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as s:
+        s.sendall(b"POST /v2/models/byol_encoder/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        answer = b""
+        while chunk := s.recv(4096):  # until the server closes the connection (a hang fails on the timeout)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"not received within 1 s" in answer
+
+
+def test_an_oversize_grpc_message_is_refused_and_the_stream_is_forwarded(server):
+    import queue
+
+    import tritonclient.grpc as tc
+    _grpc_oversize(server)
+    client = tc.InferenceServerClient(server.grpc_url.split("://")[1])
+    inp = tc.InferInput("images", [1, 32, 32, 3], "UINT8")
+    inp.set_data_from_numpy(np.zeros((1, 32, 32, 3), np.uint8))
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer("byol_encoder", [inp])
+        client.async_stream_infer("nope", [inp])
+        results = [answers.get(timeout=60) for _ in range(2)]
+    finally:
+        client.stop_stream()
+    assert results[0][1] is None and results[0][0].as_numpy("embeddings").shape == (1, 512)
+    assert results[1][0] is None and "unknown model" in str(results[1][1])
+    assert client.infer("byol_encoder", [inp]).as_numpy("embeddings").shape == (1, 512)
+
+
+def test_the_client_keeps_each_request_under_the_servers_size_limit(onnx_model, monkeypatch):
+    """The server refuses requests above --max-request-bytes: the client splits a batch of large images
+    by bytes as well as by count (an image above the budget goes alone)."""
+    from serving import client as client_module
+    monkeypatch.setattr(client_module, "REQUEST_BYTES", 1000)
+    client = EmbeddingClient(onnx_model, device="cpu")
+    sent = []
+    monkeypatch.setattr(client, "_batch", lambda items, normalize, image: sent.append(len(items))
+                        or np.zeros((len(items), client.embedding_dim), np.float32))
+    items = [(i, bytes(n)) for i, n in enumerate([400, 400, 400, 2000, 100, 100])]
+    client._run(items, np.zeros((6, client.embedding_dim), np.float32), 32, True, image=True)
+    assert sent == [2, 1, 1, 2]
+    client._run(items[:5], np.zeros((6, client.embedding_dim), np.float32), 2, True, image=True)
+    assert sent[4:] == [2, 1, 1, 1]
 
 
 # -- clients -------------------------------------------------------------------------------------------
