@@ -722,7 +722,8 @@ class SearchIndex:
                        created=m.get("created", ""), updated=m.get("updated", ""),
                        vectors=vectors, faiss_index=index, path=directory,
                        target_recall=float(ix.get("target_recall", DEFAULT_TARGET_RECALL)),
-                       build_seconds=float(ix.get("build_seconds", 0.0)), tune_seconds=float(ix.get("tune_seconds", 0.0)),
+                       build_seconds=float(ix.get("build_seconds", 0.0)),
+                       tune_seconds=float(ix.get("tune_seconds", 0.0)),
                        generation=int(m["generation"]))
         except (KeyError, TypeError, ValueError) as e:
             raise SearchIndexError(f"{directory / MANIFEST_NAME} is damaged or was edited by hand ({type(e).__name__}: "

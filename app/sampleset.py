@@ -2,7 +2,8 @@
 
     app/data/flowers.zip       1,000 photographs of five kinds of flowers (daisy, dandelion, roses,
                                sunflowers, tulips) x 200, `<kind>/<file>.jpg`, shorter side SIZE px
-                               (96: the gpu-photos preset's views and cpu-photos' encoder input; cpu-photos trains on 48)
+                               (96: the gpu-photos preset's views and cpu-photos' encoder input;
+                               cpu-photos trains on 48)
     app/data/examples/*.jpg    one more photo of each kind, not in the zip: the page's example queries
     app/data/CREDITS.txt       the licence statement and the credit line of every shipped photo
 

@@ -22,7 +22,8 @@ model configuration, exactly as from serving.server.
 Each call adds a new version folder (the next number, or --version); an existing version is never
 replaced. config.pbtxt is shared by all versions: a new version must have the same inputs and
 outputs, and a configuration that differs from the existing one in anything but the "byolkit"
-parameter is only replaced with --replace-config (a newer version updates that parameter). Writes go to a temporary folder first, so that Triton never sees half a version.
+parameter is only replaced with --replace-config (a newer version updates that parameter). Writes go to a
+temporary folder first, so that Triton never sees half a version.
 """
 from __future__ import annotations
 
@@ -338,7 +339,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_QUEUE_DELAY_US.items()) + " microseconds)")
     p.add_argument("--tensorrt", action="store_true",
                    help="TensorRT execution accelerator (GPU), with engine and timing caches")
-    p.add_argument("--trt-precision", choices=("fp16", "fp32"), default="fp16", help="TensorRT precision (default fp16)")
+    p.add_argument("--trt-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="TensorRT precision (default fp16)")
     p.add_argument("--trt-cache-dir", default=DEFAULT_TRT_CACHE_DIR,
                    help="an existing folder on the server that receives the TensorRT engine cache, "
                         f"byolkit_trt_cache_NAME (default {DEFAULT_TRT_CACHE_DIR})")

@@ -275,7 +275,8 @@ class EmbeddingServer:
         self.model = load_model(model, model_name)  # ModelError for anything that is not an encoder
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.exit_timeout, self.probe_interval, self.verbose = exit_timeout, probe_interval, verbose
-        self.max_request_bytes, self.read_timeout, self.request_timeout = max_request_bytes, read_timeout, request_timeout
+        self.max_request_bytes, self.read_timeout = max_request_bytes, read_timeout
+        self.request_timeout = request_timeout
         self.front: Front | None = None  # the public HTTP and gRPC ports (serving/front.py)
         self.internal_http_port = self.internal_grpc_port = None  # tritonserver's, on 127.0.0.1
         self.log = log if log is not None else sys.stderr

@@ -50,7 +50,8 @@ def served(tmp_path, monkeypatch, image_folder):
     set_gradio_env(monkeypatch, tmp_path)
     encoder = open_encoder(str(make_colour_model(tmp_path / "colour.onnx")))
     index, _ = build_index(encoder, image_folder, tmp_path / "ix", progress=False)
-    state = ui.AppState(index, encoder, k=4, examples=[image_folder / "red" / "img_00.png", image_folder / "README.txt"],
+    examples = [image_folder / "red" / "img_00.png", image_folder / "README.txt"]
+    state = ui.AppState(index, encoder, k=4, examples=examples,
                         max_pixels=MAX_PIXELS, max_upload_bytes=MAX_UPLOAD)
     demo, url = ui.launch(state, port=free_port(), block=False)
     yield state, url, demo
@@ -143,7 +144,8 @@ def test_page_in_chromium(served, image_folder, tmp_path, artifacts):
             page.set_input_files("#query-image input[type=file]", str(big))
             status = page.locator("#search-status", has_text="above the limit")
             status.wait_for()
-            assert status.inner_text().strip() == f"Error: image big.png is 100x100 pixels, above the limit of {MAX_PIXELS}"
+            want = f"Error: image big.png is 100x100 pixels, above the limit of {MAX_PIXELS}"
+            assert status.inner_text().strip() == want
         finally:
             browser.close()
     assert len(state.index) == 19

@@ -429,7 +429,8 @@ def test_readme_deploy_path_is_consistent():
         assert argv[:2] == ["docker", "compose"], line
         f = argv[argv.index("-f") + 1] if "-f" in argv else "docker-compose.yml"
         assert f in COMPOSE_FILES
-        sub = next(a for i, a in enumerate(argv[2:], 2) if not a.startswith("-") and argv[i - 1] not in ("-f", "--profile"))
+        sub = next(a for i, a in enumerate(argv[2:], 2)
+                   if not a.startswith("-") and argv[i - 1] not in ("-f", "--profile"))
         if sub == "build":
             assert "--profile" in argv and argv[argv.index("--profile") + 1] == "train", "builds the train image too"
     for f in COMPOSE_FILES:

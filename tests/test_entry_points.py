@@ -31,7 +31,8 @@ def train_test_folders(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def run(*cmd, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, check=False, text=True, cwd=ROOT,
+                          env=ENV,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -131,7 +131,7 @@ def test_semi_fine_tunes_on_a_written_balanced_subset(capsys, colour_data, run_d
     train, test = colour_data
     args = ["semi", "--fraction", 0.5, "--epochs", 10, "--batch-size", 6, "--lr", 0.03, "--encoder", run_dir,
             "--train", train, "--test", test]
-    code, out, err = evaluate_main(capsys, *args)
+    code, _, err = evaluate_main(capsys, *args)
     assert code == 0 and "labelled subset: 18 of 36 images" in err
     record = json.loads((run_dir / "eval" / "semi-50pct.json").read_text())
     assert record["num_train"] == 18 and record["top1"] >= 0.9 and record["num_test"] == 12
@@ -208,10 +208,12 @@ def test_bad_inputs_fail_with_one_clear_line_before_work(capsys, colour_data, ru
 
 
 def test_cli_help_and_exit_status():
-    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--help"], capture_output=True, check=False,
+                          text=True,
                           cwd=ROOT, env=ENV, timeout=120)
     assert proc.returncode == 0 and all(p in proc.stdout for p in evaluate.PROTOCOLS)
     proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", "semi", "--help"], capture_output=True,
+                          check=False,
                           text=True, cwd=ROOT, env=ENV, timeout=120)
     assert "--fraction" in proc.stdout and "random:PATH" in proc.stdout and "--resume" in proc.stdout
 
@@ -221,7 +223,7 @@ def test_benchmark_scripts_run_tiny(colour_data, run_dir, tmp_path):
     train, test = colour_data
     proc = subprocess.run([sys.executable, "benchmarks/gpu_evaluate.py", "--tiny", "--encoder", run_dir, "--train",
                            train, "--test", test, "--out", tmp_path / "gpu.json", "--workers", "0"],
-                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+                          capture_output=True, check=False, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert result["linear"]["mode"] == "augmented" and result["linear"]["schedule"]["epochs"] == 2
@@ -229,7 +231,7 @@ def test_benchmark_scripts_run_tiny(colour_data, run_dir, tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/evaluate_cifar.py", "--encoder", run_dir, "--train", train,
                            "--test", test, "--out", tmp_path / "cifar.json", "--linear-epochs", "5",
                            "--semi-epochs", "1", "--semi-batch", "4", "--fraction", "0.5", "--workers", "0"],
-                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+                          capture_output=True, check=False, text=True, cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "cifar.json").read_text())["rows"]
     assert set(rows) == {"BYOL", "random init"} and rows["BYOL"]["knn"]["top1"] == 1.0

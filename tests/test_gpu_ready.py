@@ -69,7 +69,10 @@ def test_time_budget_agrees_through_the_helper(gloo_group, monkeypatch):
     import trainer.pretrain as P
     from trainer.pretrain import TimeBudget
     calls = []
-    monkeypatch.setattr(P, "all_reduce", lambda t, d, op="sum": calls.append((t.device, d, op)) or D.all_reduce(t, d, op))
+    def spy(t, d, op="sum"):
+        calls.append((t.device, d, op))
+        return D.all_reduce(t, d, op)
+    monkeypatch.setattr(P, "all_reduce", spy)
     budget = TimeBudget(1000, start_step=0)
     budget.start()
     total = 0

@@ -255,7 +255,8 @@ def test_qdrant_local_mode_build_add_search_info(tmp_path, capsys, models, image
                                 "--model", model, "--json", *qd)
     assert code == 0, err
     hits = json.loads(stdout)
-    assert [h["label"] for h in hits] == ["green"] * 4 and hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
+    assert [h["label"] for h in hits] == ["green"] * 4
+    assert hits[0]["path"] == str(query.resolve()) and hits[0]["score"] > 0.999
     code, stdout, err = run_cli(index_cli.main, capsys, "add", "--index", out, "--images", flat_folder, "--model",
                                 model, "--no-progress", *qd)
     assert code == 0 and "added 6 images" in stdout and f"holds {N + 6} images" in stdout, err

@@ -209,7 +209,8 @@ def test_bytes_are_decoded_with_exif_and_any_mode(server, pictures, reference, l
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: the camera was turned 90 degrees
     jpeg_exif = encode(rotated, "JPEG", quality=95, exif=exif.tobytes())
-    items = {"jpeg+exif": jpeg_exif, "gray": encode(pictures[2].convert("L")), "palette": encode(pictures[3].convert("P")),
+    items = {"jpeg+exif": jpeg_exif, "gray": encode(pictures[2].convert("L")),
+             "palette": encode(pictures[3].convert("P")),
              "rgba": encode(pictures[4].convert("RGBA")), "gray16": encode(pictures[5].convert("I;16")),
              "webp": encode(pictures[0], "WEBP", lossless=True)}
     got = infer(server, "grpc", IMAGE_MODEL, IMAGE_INPUT, as_bytes_tensor(items.values()))

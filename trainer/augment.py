@@ -51,8 +51,8 @@ def byol_views(blur: bool = True, crop_scale=(0.08, 1.0), color_strength: float 
     `color_strength` scales the jitter magnitudes (0.4, 0.4, 0.2, 0.1); 1 is the paper's.
     """
     s = color_strength
-    common = dict(crop_scale=tuple(crop_scale), brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s,
-                  hue=0.1 * s, grayscale_p=grayscale_p)
+    common = {"crop_scale": tuple(crop_scale), "brightness": 0.4 * s, "contrast": 0.4 * s, "saturation": 0.2 * s,
+              "hue": 0.1 * s, "grayscale_p": grayscale_p}
     t1 = ViewAugmentation(**common, blur_p=1.0 if blur else 0.0, solarize_p=0.0)
     t2 = ViewAugmentation(**common, blur_p=0.1 if blur else 0.0, solarize_p=0.2)
     return t1, t2
@@ -80,7 +80,8 @@ def sample_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale, ratio,
     fits = (w > 0) & (h > 0) & (w <= w_img[:, None]) & (h <= h_img[:, None])
     top = torch.floor(u[..., 2] * (h_img[:, None] - h + 1))
     left = torch.floor(u[..., 3] * (w_img[:, None] - w + 1))
-    first = torch.where(fits.any(1), fits.double().argmax(1), torch.full((b,), -1, dtype=torch.long, device=heights.device))
+    missing = torch.full((b,), -1, dtype=torch.long, device=heights.device)
+    first = torch.where(fits.any(1), fits.double().argmax(1), missing)
     pick = first.clamp(min=0)[:, None]
     box = torch.stack([top.gather(1, pick)[:, 0], left.gather(1, pick)[:, 0],
                        h.gather(1, pick)[:, 0], w.gather(1, pick)[:, 0]], 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ class ImageCollection:
     """An indexable set of images with optional integer labels."""
 
     description: str = ""
-    classes: list[str] = []
+    classes: Sequence[str] = ()  # class names by label; subclasses set a list
     labels: list[int] | None = None
 
     def __len__(self) -> int:
@@ -144,7 +145,7 @@ class TorchvisionCollection(ImageCollection):
             else:
                 self.dataset = cls(str(root), train=(split == "train"), download=True)
                 self.labels = [int(y) for y in self.dataset.targets]
-        except Exception as e:  # offline, or a broken download
+        except Exception as e:  # noqa: BLE001 - offline, or a broken download (any error of any data set)
             raise DataError(f"could not load torchvision data set {name!r} into {root}: {e}. "
                             "Offline, pass an image folder or a zip archive instead.") from None
         self.classes = list(getattr(self.dataset, "classes", []))

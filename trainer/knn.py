@@ -10,7 +10,8 @@ from contract.preprocess import Preprocessing
 
 @torch.no_grad()
 def embed(encoder: torch.nn.Module, images: torch.Tensor, pre: Preprocessing, device: torch.device,
-          batch_size: int = 512, precision: str = "fp32", progress: bool = False, desc: str = "embedding") -> torch.Tensor:
+          batch_size: int = 512, precision: str = "fp32", progress: bool = False,
+          desc: str = "embedding") -> torch.Tensor:
     """uint8 [N, 3, S, S] images already resized and cropped by the contract -> float32 [N, D]."""
     from tqdm import tqdm
     was_training = encoder.training
