@@ -43,7 +43,7 @@ def test_gallery_thumbnails_of_large_jpegs_are_reduced_on_decode(tmp_path, monke
     encoder = open_encoder(str(model_path))
     index, _ = build_index(encoder, folder, tmp_path / "ix", progress=False)
     big = next(i for i, it in enumerate(index.items) if it["name"].endswith("big.jpg"))
-    from trainer import preprocess
+    from contract import preprocess
     decoded, real = [], preprocess.load_rgb
 
     def spy(*args, **kwargs):
