@@ -135,7 +135,7 @@ def _tar_records(tar_path: str):
         source = f"{tar_path}:{name}"  # the member's own name: read back by read_tar_source
         if isinstance(data, str):  # too large: refused before it was read
             return source, label, _refused(data)
-        return source, label, (lambda d=data, s=source: _decode_named(d, s))
+        return source, label, (lambda d=data, s=source: load_rgb(d, name=s))
 
     key, members = None, {}
     try:
@@ -181,13 +181,6 @@ def _refused(reason: str):
     def load():
         raise ImageDecodeError(reason)
     return load
-
-
-def _decode_named(data: bytes, name: str):
-    try:
-        return load_rgb(data)
-    except ImageDecodeError as e:
-        raise ImageDecodeError(str(e).replace("<bytes>", name)) from None
 
 
 _TAR_INDEXES: OrderedDict = OrderedDict()  # (tar path, mtime, size) -> {member name: TarInfo}, the newest last

@@ -8,6 +8,7 @@ A script imports it from its own folder, which puts the repository root on sys.p
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -61,6 +62,14 @@ def write_json(path: str | Path, result: dict, indent: int = 2) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
     return text
+
+
+def emit_json(path: str | Path | None, result: dict) -> int:
+    """The end of a benchmark's main: `result` to `path` (when given) and to stdout; returns 0."""
+    if path:
+        write_json(path, result)
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def run_command(command: list[str]) -> float:
@@ -117,16 +126,32 @@ def smooth_jpegs(root: Path, count: int, size: int) -> Path:
     return root
 
 
-def run_transfer(args, setup: Callable[[Path], tuple[list[str], str, list[str]]], compare: Callable, metrics,
-                 ) -> int:
-    """The main of a GPU transfer benchmark (gpu_depth, gpu_segment): `setup(scratch)` gives the data
-    flags, the encoder and the schedule (generated data with --tiny); `compare(encoder, data_flags,
-    schedule, out)` runs the BYOL/random pair under args.out (default: in the scratch folder); the
-    result goes to args.json."""
+def transfer_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a GPU transfer benchmark (gpu_depth, gpu_segment): the flags they share
+    (--out, --json, --workers, --tiny); each adds its data, encoder and schedule flags."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", type=Path, help="folder for the run directories (default: a temporary one)")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--tiny", action="store_true", help="seconds on a CPU: generated data, one epoch")
+    return p
+
+
+def run_transfer(args, tiny: tuple[Callable[[Path], tuple[list[str], str]], list[str]],
+                 setup: Callable[[], tuple[list[str], str, list[str]]], compare: Callable, metrics) -> int:
+    """The main of a GPU transfer benchmark (gpu_depth, gpu_segment): with --tiny, `tiny` is
+    (tiny_data(folder) -> data flags and encoder, the schedule), on generated data in a scratch
+    folder; otherwise `setup()` gives the data flags, the encoder and the schedule. `compare(encoder,
+    data_flags, schedule, out)` runs the BYOL/random pair under args.out (default: in the scratch
+    folder); the result goes to args.json."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "runs"
-        data_flags, encoder, schedule = setup(Path(tmp))
+        if args.tiny:
+            data_flags, encoder = tiny[0](Path(tmp) / "data")
+            schedule = tiny[1]
+        else:
+            data_flags, encoder, schedule = setup()
         started = now()
         runs = compare(encoder, data_flags, schedule, out)
     result = {"date": started, "machine": machine(), "tiny": args.tiny,

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, write_json  # puts the repository root on sys.path
+from _common import ROOT, emit_json, machine  # puts the repository root on sys.path
 
 # full fine-tuning on both sides; sized for ~3-4 minutes a run on two CPU cores at 224 px; LR 0.02 x 4/16
 # (the linear scaling rule from the references' batch 16: 0.02 itself diverged at step 37)
@@ -105,10 +105,7 @@ def main(argv=None) -> int:
         if task not in TASKS:
             p.error(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         results[task] = TASKS[task](args)
-    if args.json:
-        write_json(args.json, results)
-    print(json.dumps(results, indent=2))
-    return 0
+    return emit_json(args.json, results)
 
 
 if __name__ == "__main__":

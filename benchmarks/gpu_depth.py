@@ -19,12 +19,11 @@ file stands in for the BYOL one (the point is the plumbing, not the number).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_transfer
+from _common import run_transfer, transfer_parser
 from depth_scenes import METRICS, compare
 
 
@@ -41,24 +40,18 @@ def tiny_data(root: Path) -> tuple[list[str], str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = transfer_parser(__doc__)
     p.add_argument("--mat", type=Path, help="nyu_depth_v2_labeled.mat (not needed with --tiny)")
     p.add_argument("--split", type=Path, help="NYU's splits.mat (not needed with --tiny)")
     p.add_argument("--encoder", help="the BYOL ResNet-50 (run directory or file; not needed with --tiny)")
-    p.add_argument("--out", type=Path, help="folder for the run directories (default: a temporary one)")
-    p.add_argument("--json", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--tiny", action="store_true", help="seconds on a CPU: generated data, one epoch")
     args = p.parse_args(argv)
+    tiny = (tiny_data, ["--epochs", "1", "--batch-size", "4", "--base-size", "48", "--crop-size", "40",
+                        "--workers", "0", "--device", "cpu", "--draw", "1"])
 
-    def setup(scratch: Path) -> tuple[list[str], str, list[str]]:
-        if args.tiny:
-            data_flags, encoder = tiny_data(scratch / "data")
-            return data_flags, encoder, ["--epochs", "1", "--batch-size", "4", "--base-size", "48", "--crop-size",
-                                         "40", "--workers", "0", "--device", "cpu", "--draw", "1"]
+    def setup() -> tuple[list[str], str, list[str]]:
         if not (args.mat and args.split and args.encoder):
             p.error("--mat, --split and --encoder are required (or --tiny)")
         data_flags = ["--train", str(args.mat), "--val", str(args.mat), "--split", str(args.split)]
@@ -67,7 +60,7 @@ def main(argv=None) -> int:
             str(args.batch_size), "--lr", str(args.lr), "--base-size", "240", "--crop-size", "228x304",
             "--max-scale", "1.5", "--eigen-crop", "on", "--max-depth", "10", "--workers", str(args.workers),
             "--eval-every", "5", "--device", "cuda"]
-    return run_transfer(args, setup, compare, METRICS)
+    return run_transfer(args, tiny, setup, compare, METRICS)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ in for the BYOL one (the point is the plumbing, not the number).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_transfer
+from _common import run_transfer, transfer_parser
 from segment_coco import METRICS, coco_flags, compare
 
 
@@ -66,33 +65,27 @@ def tiny_data(root: Path) -> tuple[list[str], str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = transfer_parser(__doc__)
     p.add_argument("--data", type=Path, help="the coco256 folder (not needed with --tiny)")
     p.add_argument("--encoder", help="the BYOL encoder (run directory or file; not needed with --tiny)")
-    p.add_argument("--out", type=Path, help="folder for the run directories (default: a temporary one)")
-    p.add_argument("--json", type=Path, required=True)
     p.add_argument("--head", default="deeplabv3")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--base-size", type=int, default=520)
     p.add_argument("--crop-size", type=int, default=480)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--tiny", action="store_true", help="seconds on a CPU: generated data, one epoch")
     args = p.parse_args(argv)
+    tiny = (tiny_data, ["--head", "fcn", "--epochs", "1", "--batch-size", "8", "--base-size", "56",
+                        "--crop-size", "48", "--workers", "0", "--device", "cpu", "--draw", "1"])
 
-    def setup(scratch: Path) -> tuple[list[str], str, list[str]]:
-        if args.tiny:
-            data_flags, encoder = tiny_data(scratch / "data")
-            return data_flags, encoder, ["--head", "fcn", "--epochs", "1", "--batch-size", "8", "--base-size", "56",
-                                         "--crop-size", "48", "--workers", "0", "--device", "cpu", "--draw", "1"]
+    def setup() -> tuple[list[str], str, list[str]]:
         if not (args.data and args.encoder):
             p.error("--data and --encoder are required (or --tiny)")
         return coco_flags(args.data), args.encoder, [
             "--head", args.head, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr",
             str(args.lr), "--base-size", str(args.base_size), "--crop-size", str(args.crop_size), "--workers",
             str(args.workers), "--eval-every", "5", "--device", "cuda"]
-    return run_transfer(args, setup, compare, METRICS)
+    return run_transfer(args, tiny, setup, compare, METRICS)
 
 
 if __name__ == "__main__":

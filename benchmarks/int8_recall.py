@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, onnxruntime_info, write_json  # puts the repository root on sys.path
+from _common import emit_json, machine, onnxruntime_info  # puts the repository root on sys.path
 
 import export.quantize as xq
 from contract.deployment import OUTPUT, read_onnx_metadata
@@ -89,10 +88,7 @@ def main(argv=None) -> int:
                   f"min {figures['cosine_min']}; guard recall@10 {report['guard']['recall_at_10']}; "
                   f"images/s {speed}", file=sys.stderr, flush=True)
     result["seconds"] = round((datetime.datetime.now().astimezone() - started).total_seconds(), 1)
-    if args.json:
-        write_json(args.json, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return emit_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -130,18 +130,22 @@ def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bil
     return image.resize((new_w, new_h), _PIL_INTERPOLATION[interpolation], reducing_gap=None)
 
 
-def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
+def load_rgb(source: ImageSource, max_pixels: int = MAX_PIXELS, reduce_to: int | None = None,
+             name: str | None = None) -> Image.Image:
     """Decode a path, bytes or PIL image into an RGB PIL image with EXIF orientation applied.
 
     reduce_to: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's reduce-on-decode,
     Pillow's draft) as long as both sides stay at least this long; for pictures only shown small
     (thumbnails). Other formats, and the default (None), decode at full size.
+    name: what error messages call the image (e.g. "archive.zip:member.jpg" for bytes read from an
+    archive); by default the path, or "<bytes>".
     Raises ImageDecodeError with a readable message for anything that is not a usable image.
     """
     if isinstance(source, Image.Image):
         image = source
     else:
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+        if name is None:
+            name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
         try:
             # closed by the `with fp` below
             fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")  # noqa: SIM115

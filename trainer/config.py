@@ -153,16 +153,14 @@ def _cpu_photos() -> Config:
     as the run goes); and the trained encoder used at 96 px, twice its training views (the crops
     showed it objects larger than the whole photo shows them at 48 px: "FixRes").
     """
-    return Config(
+    quick = _cpu_quick()
+    return dataclasses.replace(
+        quick,
         preset="cpu-photos",
-        model=ModelConfig(arch="resnet18_w16", stem="imagenet", projector_hidden_dim=1024,
-                          predictor_hidden_dim=1024),
+        model=dataclasses.replace(quick.model, stem="imagenet"),
         data=DataConfig(image_size=48, eval_size=96, blur=False, crop_scale_min=0.08, color_strength=0.2,
                         grayscale_p=0.0, workers=1),
-        optim=OptimConfig(base_lr=1.0, weight_decay=1e-5, batch_size=32, epochs=200, warmup_epochs=2,
-                          predictor_lr_scale=10.0),
-        byol=ByolConfig(tau_base=0.9),
-        run=RunConfig(device="cpu", precision="bf16", checkpoint_every=200),
+        optim=dataclasses.replace(quick.optim, batch_size=32, epochs=200, warmup_epochs=2),
     )
 
 

@@ -114,7 +114,7 @@ class ZipCollection(ImageCollection):
             data = self._archive().read(member)
         except (zipfile.BadZipFile, OSError, KeyError) as e:
             raise ImageDecodeError(f"cannot read {member} from {self.path}: {e}") from None
-        return _named_decode(data, f"{self.path}:{member}")
+        return load_rgb(data, name=f"{self.path}:{member}")
 
     def name(self, index):
         return self.members[index]
@@ -123,13 +123,6 @@ class ZipCollection(ImageCollection):
         state = dict(self.__dict__)
         state["_zip"], state["_pid"] = None, None
         return state
-
-
-def _named_decode(data: bytes, name: str):
-    try:
-        return load_rgb(data)
-    except ImageDecodeError as e:
-        raise ImageDecodeError(str(e).replace("<bytes>", name)) from None
 
 
 class TorchvisionCollection(ImageCollection):

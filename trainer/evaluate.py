@@ -320,21 +320,23 @@ def train_classifier(model: Classifier, train: Split, test: Split, pre: Preproce
 # ============================================================================================
 # Command line
 # ============================================================================================
-def _fraction(text: str) -> float:
+def _parse(text: str, kind, what: str):
+    """`kind(text)`, or argparse's error "not <what>: 'text'"."""
     try:
-        value = float(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    value = _parse(text, float, "a number")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"the label fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _parse(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -26,6 +26,7 @@ from .. import checkpoint as ckpt_io
 from .. import settings
 from ..distributed import all_reduce
 from ..runtime import UsageError
+from ..settings import add_set_flag
 
 NORM_CHOICES = ("frozen", "sync", "bn")
 # torchvision's convention for --trainable-layers: the last N of these are trained, the rest frozen
@@ -215,6 +216,17 @@ def start_processes(s):
     return dist, device_type
 
 
+def displayed_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a photo as load_rgb returns it: EXIF rotations by 90 degrees swap the sides."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 @dataclass
 class DenseSettings:
     """The settings segmentation and depth runs share (each task's dataclass adds its own and sets the
@@ -243,6 +255,20 @@ class DenseSettings:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise UsageError(f"--{key.replace('_', '-')} must be positive")
+
+
+def add_run_flags(p, d: DenseSettings, draw_help: str, resume_help: str) -> None:
+    """The flags a segmentation or depth command line ends with (`d`: the task's defaults): when to
+    evaluate, what to draw, where and how to run, --set, --resume (`resume_help`) and progress."""
+    p.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0 = after the last only "
+                   f"(default {d.eval_every})")
+    p.add_argument("--draw", type=int, help=f"{draw_help} (default {d.draw})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto)")
+    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {d.workers})")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    add_set_flag(p)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 @dataclass

@@ -67,16 +67,17 @@ from .. import settings
 from ..distributed import Dist, all_reduce, barrier, shutdown
 from ..optim import cosine_scheduler, poly_schedule
 from ..runtime import UsageError, cli_main, log
-from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
     DenseSettings,
     EpochLoop,
     RunState,
+    add_run_flags,
     add_scale_bar,
     check_norm_for_device,
     colour_map,
+    displayed_size,
     finetune_main,
     prepare_resnet,
     sample_rng,
@@ -129,17 +130,6 @@ def clean_depth(depth: np.ndarray, min_depth: float, max_depth: float) -> np.nda
     """Invalid pixels (NaN, infinite, 0, outside (min, max)) -> 0; 0 means "no measurement" from here on."""
     valid = np.isfinite(depth) & (depth > min_depth) & (depth < max_depth)
     return np.where(valid, depth, 0).astype(np.float32)
-
-
-def _photo_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a photo as load_rgb returns it (EXIF rotations by 90 degrees swap the sides)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 @dataclass
@@ -317,7 +307,7 @@ def _check_depths(data: DepthData, flag: str, progress: bool) -> None:
         else:
             photo, depth_path = data.pairs[i]
             depth = clean_depth(read_depth_file(depth_path, data.depth_scale), data.min_depth, data.max_depth)
-            w, h = _photo_size(photo)
+            w, h = displayed_size(photo)
             if depth.shape != (h, w):
                 bad_size.append(f"{depth_path.name} is {depth.shape[1]}x{depth.shape[0]}, {photo.name} is {w}x{h}")
         sizes.add(depth.shape)
@@ -880,16 +870,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-layers", type=int, choices=range(6), metavar="0-5",
                    help=f"encoder stages trained, from layer4 down to conv1 (default {d.trainable_layers}: all)")
     p.add_argument("--norm", choices=NORM_CHOICES, help=f"encoder BatchNorm: bn, frozen or sync (default {d.norm})")
-    p.add_argument("--eval-every", type=int, help=f"evaluate every N epochs, 0 = after the last only "
-                   f"(default {d.eval_every})")
-    p.add_argument("--draw", type=int, help=f"validation images drawn into RUN/predictions (default {d.draw})")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto)")
-    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {d.workers})")
-    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    add_set_flag(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (its settings "
-                   "are kept; only --epochs, --workers, --device, --eval-every and --draw may change)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_flags(p, d, "validation images drawn into RUN/predictions",
+                  "continue the run in --out from its checkpoint (its settings are kept; only --epochs, "
+                  "--workers, --device, --eval-every and --draw may change)")
     return p
 
 

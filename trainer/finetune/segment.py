@@ -49,14 +49,15 @@ from .. import settings
 from ..distributed import Dist, all_gather_objects, all_reduce, barrier, shutdown
 from ..optim import poly_schedule
 from ..runtime import UsageError, cli_main, log
-from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     DenseSettings,
     EpochLoop,
     RunState,
     add_legend,
+    add_run_flags,
     dilate_resnet,
+    displayed_size,
     finetune_main,
     palette,
     sample_rng,
@@ -167,17 +168,6 @@ def read_mask(path: Path) -> np.ndarray:
         if isinstance(e, UsageError):
             raise
         raise UsageError(f"mask {path} is not a readable image ({type(e).__name__}: {e})") from None
-
-
-def displayed_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a photo as load_rgb returns it: EXIF rotations by 90 degrees swap the sides."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def scan_pairs(images: str | Path, masks: str | Path, classes: Classes, split: str,
@@ -542,18 +532,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-size", type=int, help="shorter side for evaluation; training resizes it to 0.5-2x "
                    f"this (default {d.base_size})")
     p.add_argument("--crop-size", type=int, help=f"square training crop (default {d.crop_size})")
-    p.add_argument("--eval-every", type=int, help="evaluate every N epochs, 0 = only after the last "
-                   f"(default {d.eval_every})")
-    p.add_argument("--draw", type=int, help="validation images drawn into RUN/predictions after the last epoch "
-                   f"(default {d.draw})")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
-    p.add_argument("--workers", type=int, help=f"data-loading processes per process (default {d.workers})")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    add_set_flag(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
-                   "(its settings are kept; a larger --epochs extends it, the poly schedule re-laid over the new "
-                   "total)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_flags(p, d, "validation images drawn into RUN/predictions after the last epoch",
+                  "continue the run in --out from its checkpoint (its settings are kept; a larger --epochs "
+                  "extends it, the poly schedule re-laid over the new total)")
     return p
 
 
