@@ -228,22 +228,27 @@ def displayed_size(path: Path) -> tuple[int, int]:
 
 
 @dataclass
-class DenseSettings:
-    """The settings segmentation and depth runs share (each task's dataclass adds its own and sets the
-    defaults); a resume may change only CHANGEABLE_ON_RESUME."""
-    CHANGEABLE_ON_RESUME: ClassVar[tuple] = ("epochs", "workers", "device", "eval_every", "draw")
-    task: str = ""
+class RunSettings:
+    """What every fine-tuning run has: the encoder, the schedule's size, where it runs, what it draws.
+    Each task's dataclass adds its own settings and may restate a default here."""
     encoder: str | None = None
     epochs: int = 1
     batch_size: int = 8
     lr: float = 0.01
     weight_decay: float = 1e-4
-    base_size: int = 240
     device: str = "auto"
     workers: int = 2
     seed: int = 0
     draw: int = 4
     eval_every: int = 1
+
+
+@dataclass
+class DenseSettings(RunSettings):
+    """The settings segmentation and depth runs share; a resume may change only CHANGEABLE_ON_RESUME."""
+    CHANGEABLE_ON_RESUME: ClassVar[tuple] = ("epochs", "workers", "device", "eval_every", "draw")
+    task: str = ""
+    base_size: int = 240
     backbone: dict | None = None          # the encoder's description, filled in when the run starts
 
     def check_ranges(self, positive=("lr",), **lowest) -> None:

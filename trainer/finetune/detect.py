@@ -57,6 +57,7 @@ from ..settings import add_set_flag
 from ..sources import ENCODER_SOURCE_HELP, open_encoder
 from .common import (
     NORM_CHOICES,
+    RunSettings,
     check_norm_for_device,
     default_norm,
     default_trainable_layers,
@@ -416,21 +417,21 @@ def build_detector(encoder: torch.nn.Module, info: dict, num_classes: int, *, ma
 # Settings and command line
 # ============================================================================================
 @dataclass
-class DetectSettings:
+class DetectSettings(RunSettings):
     """Every setting of a detection run (config.json; `--set name=value` reaches each by name)."""
     FIXED_ON_RESUME: ClassVar[tuple] = (  # a resume may not change these: the schedule, the model, the data
         "encoder", "train_images", "train_ann", "val_images", "val_ann", "epochs", "batch_size", "lr",
         "weight_decay", "min_size", "max_size", "anchor_sizes", "fpn_channels", "head_size", "rois_per_image",
         "trainable_layers", "norm", "warmup_steps", "seed", "no_masks")
-    encoder: str | None = None
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 0.02
+    draw: int = 8
+    eval_every: int = 0
     train_images: str | None = None
     train_ann: str | None = None
     val_images: str | None = None
     val_ann: str | None = None
-    epochs: int = 12
-    batch_size: int = 2
-    lr: float = 0.02
-    weight_decay: float = 1e-4
     min_size: int = 800
     max_size: int = 1333
     anchor_sizes: str = "32,64,128,256,512"
@@ -441,12 +442,7 @@ class DetectSettings:
     trainable_layers: int | None = None   # None: 3 for a pretrained encoder, 5 for a random one
     norm: str | None = None               # None: frozen for a pretrained encoder, bn for a random one
     no_masks: bool = False
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    draw: int = 8
     draw_score: float = 0.5
-    eval_every: int = 0
 
     def anchors(self) -> tuple[int, ...]:
         return tuple(int(v) for v in str(self.anchor_sizes).split(","))
