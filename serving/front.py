@@ -157,11 +157,13 @@ class HttpFront:
             if body is None:
                 return
             encoding = headers.get("content-encoding", "").strip().lower()
+            # inflating and parsing are CPU work: off the event loop, so other requests keep moving
             if encoding in ("gzip", "deflate"):
-                body = _inflate(body, encoding, self.limit)
+                body = await asyncio.to_thread(_inflate, body, encoding, self.limit)
                 headers.pop("content-encoding")
             if scope["method"] == "POST":
-                check_json(body, headers.get("inference-header-content-length"), bool(_INFER.match(scope["path"])))
+                await asyncio.to_thread(check_json, body, headers.get("inference-header-content-length"),
+                                        bool(_INFER.match(scope["path"])))
         except RequestRefused as e:
             # 408: the rest of the body may never come, so the connection goes; 413 and 400: it stays, and
             # what is left of the body is read and thrown away as it arrives (never held)
